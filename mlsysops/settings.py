@@ -1,0 +1,151 @@
+"""Configuration of every service: one table of options, read from flags and environment.
+
+Each option has a flag (``--nats-url``) and an environment variable (``MLSYSOPS_NATS_URL``);
+a flag wins over the environment, which wins over the default. The same table builds the
+argument parser of every service and of ``mlsysops up``, so a setting is spelled once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from mlsysops.errors import BadInput
+from mlsysops.intervals import parse_duration
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_POLICY_DIR = ROOT / "plugins" / "policies"
+DEFAULT_MECHANISM_DIR = ROOT / "plugins" / "mechanisms"
+
+SECRET_FIELDS = frozenset({"nats_password", "nats_token"})
+
+
+def _opt(default: object, help: str, *, secret: bool = False, kind: str = "") -> object:
+    return field(default=default, metadata={"help": help, "secret": secret, "kind": kind})
+
+
+@dataclass
+class Settings:
+    """Every setting of the product, with its default. Durations are in seconds."""
+
+    nats_url: str = _opt("nats://127.0.0.1:4222", "NATS server URL(s), comma separated")  # type: ignore[assignment]
+    prefix: str = _opt("mlsysops", "subject prefix of every subject")  # type: ignore[assignment]
+    policy_dir: str = _opt(str(DEFAULT_POLICY_DIR), "directory of policy plugins")  # type: ignore[assignment]
+    mechanism_dir: str = _opt(str(DEFAULT_MECHANISM_DIR), "directory of mechanism plugins")  # type: ignore[assignment]
+    http_port: int = _opt(-1, "port of /metrics, /healthz, /readyz (-1: service default, 0: off)")  # type: ignore[assignment]
+    http_host: str = _opt("0.0.0.0", "address the HTTP endpoint binds")  # type: ignore[assignment]
+    log_format: str = _opt("console", "log format: console or json")  # type: ignore[assignment]
+    log_level: str = _opt("info", "log level: debug, info, warning, error")  # type: ignore[assignment]
+    ml_connector_url: str = _opt("", "ML connector endpoint handed to policies (empty: None)")  # type: ignore[assignment]
+    exec_timeout: float = _opt(30.0, "how long a scheduled execution holds its mechanism", kind="duration")  # type: ignore[assignment]
+    call_timeout: float = _opt(10.0, "deadline of one policy or mechanism call", kind="duration")  # type: ignore[assignment]
+    apply_timeout: float = _opt(25.0, "deadline of one mechanism apply", kind="duration")  # type: ignore[assignment]
+    quarantine_after: int = _opt(5, "consecutive failures after which a policy is quarantined")  # type: ignore[assignment]
+    telemetry_interval: float = _opt(5.0, "default telemetry period when no policy asks", kind="duration")  # type: ignore[assignment]
+    telemetry_retention: float = _opt(3600.0, "how long telemetry history is kept", kind="duration")  # type: ignore[assignment]
+    telemetry_history: int = _opt(60, "snapshots of history handed to policies")  # type: ignore[assignment]
+    prometheus_url: str = _opt("", "Prometheus URL (empty: built-in host source)")  # type: ignore[assignment]
+    status_interval: float = _opt(10.0, "period of mechanism get_status", kind="duration")  # type: ignore[assignment]
+    dedup_window: float = _opt(600.0, "JetStream duplicate window of the loop streams", kind="duration")  # type: ignore[assignment]
+    max_payload: int = _opt(1_048_576, "largest description accepted, in bytes")  # type: ignore[assignment]
+    storage: str = _opt("file", "JetStream storage of streams: file or memory")  # type: ignore[assignment]
+    instance: str = _opt("", "instance name of this replica (default: host-pid)")  # type: ignore[assignment]
+    kube_api_url: str = _opt("", "Kubernetes API URL for mechanisms (empty: in-cluster, else kubeconfig)")  # type: ignore[assignment]
+    # NATS authentication and TLS
+    nats_user: str = _opt("", "NATS user")  # type: ignore[assignment]
+    nats_password: str = _opt("", "NATS password", secret=True)  # type: ignore[assignment]
+    nats_token: str = _opt("", "NATS token", secret=True)  # type: ignore[assignment]
+    nats_nkey_seed: str = _opt("", "file holding an NKey seed")  # type: ignore[assignment]
+    nats_creds: str = _opt("", "NATS credentials file (JWT + seed)")  # type: ignore[assignment]
+    nats_tls_ca: str = _opt("", "CA bundle that signs the NATS server certificate")  # type: ignore[assignment]
+    nats_tls_cert: str = _opt("", "client certificate for NATS mutual TLS")  # type: ignore[assignment]
+    nats_tls_key: str = _opt("", "client key for NATS mutual TLS")  # type: ignore[assignment]
+
+    def redacted(self) -> dict[str, object]:
+        """The settings as a dict with every secret replaced, for logs and status."""
+        out: dict[str, object] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = "***" if f.metadata.get("secret") and value else value
+        return out
+
+
+def env_name(name: str) -> str:
+    return "MLSYSOPS_" + name.upper()
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per setting; defaults stay None so that unset flags fall through."""
+    for f in fields(Settings):
+        parser.add_argument(
+            flag_name(f.name),
+            dest=f.name,
+            default=None,
+            help=f"{f.metadata['help']} (env {env_name(f.name)}, default {f.default!r})",
+        )
+
+
+def _convert(name: str, raw: str, default: object, kind: str) -> object:
+    source = f"{flag_name(name)} / {env_name(name)}"
+    try:
+        if kind == "duration":
+            return parse_duration(raw) if not _is_number(raw) else float(raw)
+        if isinstance(default, bool):
+            return raw.lower() in ("1", "true", "yes", "on")
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+    except (ValueError, BadInput) as exc:
+        raise BadInput(f"{source}: {raw!r} is not a valid value: {exc}", path=name) from None
+    return raw
+
+
+def _is_number(raw: str) -> bool:
+    try:
+        float(raw)
+    except ValueError:
+        return False
+    return True
+
+
+def load(
+    args: argparse.Namespace | None = None, env: Mapping[str, str] | None = None
+) -> Settings:
+    """Build settings from parsed flags, then environment, then defaults."""
+    env = os.environ if env is None else env
+    values: dict[str, object] = {}
+    for f in fields(Settings):
+        raw = getattr(args, f.name, None) if args is not None else None
+        if raw is None:
+            raw = env.get(env_name(f.name))
+        if raw is None or raw == "" and f.default != "":
+            continue
+        values[f.name] = _convert(f.name, str(raw), f.default, f.metadata["kind"])
+    settings = Settings(**values)  # type: ignore[arg-type]
+    _check(settings)
+    return settings
+
+
+def _check(s: Settings) -> None:
+    if s.log_format not in ("console", "json"):
+        raise BadInput(f"--log-format must be console or json, not {s.log_format!r}", path="log_format")
+    if s.storage not in ("file", "memory"):
+        raise BadInput(f"--storage must be file or memory, not {s.storage!r}", path="storage")
+    from mlsysops.subjects import check_token
+
+    for token in s.prefix.split("."):
+        check_token("subject prefix", token)
+
+
+def parse(argv: Sequence[str] | None, description: str) -> Settings:
+    parser = argparse.ArgumentParser(description=description)
+    add_arguments(parser)
+    return load(parser.parse_args(argv))
