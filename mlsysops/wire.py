@@ -283,3 +283,19 @@ STORED_DESC = Codec(StoredDescription)
 DESC_REPLY = Codec(DescReply)
 MECH_STATUS = Codec(MechanismStatus)
 ERROR_EVENT = Codec(ErrorEvent)
+
+
+def make_id(kind: str, *parts: object) -> str:
+    """A deterministic id: the same inputs give the same id, so a redelivery is harmless.
+
+    Safe as a KV key token and as a Nats-Msg-Id (hex after a one-letter kind).
+    """
+    import hashlib
+
+    digest = hashlib.blake2b("\x00".join(map(str, parts)).encode(), digest_size=10).hexdigest()
+    return f"{kind}-{digest}"
+
+
+def context_key(policy: str, app: str) -> str:
+    """Key of a (policy, app) context record in the ``context`` bucket."""
+    return f"{policy}.{app}"

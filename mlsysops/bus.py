@@ -1,0 +1,300 @@
+"""The connection to NATS JetStream and the state layout every service shares.
+
+A :class:`Bus` connects with the authentication and TLS settings, creates the streams and
+KV buckets idempotently (whichever service starts first creates them; identical configs
+make a second creation a no-op), and offers the few operations the services need:
+publishing with a de-duplication id, reporting errors, and KV caches kept current by a
+watch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from collections.abc import Callable, Iterator
+from typing import Any, Generic, TypeVar
+
+import nats
+import nats.js.api as api
+import nats.js.errors as jserr
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
+
+from mlsysops import logs, subjects, wire
+from mlsysops.settings import Settings
+
+log = logs.get(__name__)
+T = TypeVar("T")
+
+_STREAM_EXISTS = 10058  # "stream name already in use with a different configuration"
+
+
+def instance_name(settings: Settings) -> str:
+    return settings.instance or f"{socket.gethostname()}-{__import__('os').getpid()}"
+
+
+def connect_options(s: Settings) -> dict[str, Any]:
+    """Keyword arguments of ``nats.connect`` for these settings (auth, TLS, reconnect)."""
+    opts: dict[str, Any] = {
+        "servers": [u.strip() for u in s.nats_url.split(",") if u.strip()],
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": 0.5,
+        "connect_timeout": 3,
+    }
+    if s.nats_user:
+        opts["user"], opts["password"] = s.nats_user, s.nats_password
+    if s.nats_token:
+        opts["token"] = s.nats_token
+    if s.nats_nkey_seed:
+        opts["nkeys_seed"] = s.nats_nkey_seed
+    if s.nats_creds:
+        opts["user_credentials"] = s.nats_creds
+    if s.nats_tls_ca or s.nats_tls_cert:
+        ctx = ssl.create_default_context(cafile=s.nats_tls_ca or None)
+        if s.nats_tls_cert:
+            ctx.load_cert_chain(s.nats_tls_cert, s.nats_tls_key or None)
+        opts["tls"] = ctx
+    return opts
+
+
+class Bus:
+    """One service's connection to NATS and JetStream."""
+
+    def __init__(self, settings: Settings, service: str) -> None:
+        self.settings = settings
+        self.service = service
+        self.instance = instance_name(settings)
+        self.subjects = subjects.Subjects(settings.prefix)
+        self.nc: Client | None = None
+        self._js: JetStreamContext | None = None
+        self._kv: dict[str, KeyValue] = {}
+        self.connected = asyncio.Event()
+
+    @property
+    def js(self) -> JetStreamContext:
+        assert self._js is not None, "Bus.connect() first"
+        return self._js
+
+    # ----------------------------------------------------------------- connection
+    async def connect(self) -> None:
+        """Connect (retrying until the server answers), then create streams and buckets."""
+        opts = connect_options(self.settings)
+        async for attempt in AsyncRetrying(
+            wait=wait_exponential(multiplier=0.2, max=5),
+            retry=retry_if_exception_type((OSError, nats.errors.NoServersError, TimeoutError)),
+            reraise=True,
+        ):
+            with attempt:
+                self.nc = await nats.connect(
+                    name=f"mlsysops-{self.service}-{self.instance}",
+                    error_cb=self._on_error,
+                    disconnected_cb=self._on_disconnect,
+                    reconnected_cb=self._on_reconnect,
+                    **opts,
+                )
+        assert self.nc is not None
+        self._js = self.nc.jetstream(timeout=10)
+        await self.ensure()
+        self.connected.set()
+        log.info("connected", servers=opts["servers"], instance=self.instance)
+
+    async def close(self) -> None:
+        if self.nc is not None and not self.nc.is_closed:
+            try:
+                await self.nc.drain()
+            except Exception:  # noqa: BLE001 - closing anyway
+                await self.nc.close()
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.warning("nats error", error=str(exc))
+
+    async def _on_disconnect(self) -> None:
+        self.connected.clear()
+        log.warning("disconnected from nats")
+
+    async def _on_reconnect(self) -> None:
+        self.connected.set()
+        log.info("reconnected to nats")
+
+    @property
+    def is_connected(self) -> bool:
+        return self.nc is not None and self.nc.is_connected
+
+    # ----------------------------------------------------------------- layout
+    async def ensure(self) -> None:
+        """Create every stream and bucket if absent; update a stream whose config drifted."""
+        s = self.settings
+        storage = api.StorageType.FILE if s.storage == "file" else api.StorageType.MEMORY
+        ages = {"telemetry": s.telemetry_retention}
+        for family, families in subjects.STREAM_FAMILIES.items():
+            cfg = api.StreamConfig(
+                name=self.subjects.stream(family),
+                subjects=[self.subjects.wildcard(f) for f in families],
+                storage=storage,
+                retention=api.RetentionPolicy.LIMITS,
+                max_age=ages.get(family, 7 * 86400.0),
+                duplicate_window=min(s.dedup_window, ages.get(family, s.dedup_window)),
+                max_msg_size=max(s.max_payload * 2, 1_048_576),
+                allow_direct=True,
+            )
+            await self._ensure_stream(cfg)
+        for role, history, ttl in (
+            (subjects.BUCKET_DESC, 5, None),
+            (subjects.BUCKET_CONTEXT, 1, None),
+            (subjects.BUCKET_SCHED, 1, None),
+            (subjects.BUCKET_LEDGER, 1, 7 * 86400.0),
+            (subjects.BUCKET_STATUS, 1, None),
+            (subjects.BUCKET_LEASES, 1, None),
+        ):
+            self._kv[role] = await self._ensure_bucket(role, history, ttl, storage)
+
+    async def _ensure_stream(self, cfg: api.StreamConfig) -> None:
+        try:
+            await self.js.add_stream(cfg)
+        except jserr.BadRequestError as exc:
+            if exc.err_code != _STREAM_EXISTS:
+                raise
+            await self.js.update_stream(cfg)
+
+    async def _ensure_bucket(
+        self, role: str, history: int, ttl: float | None, storage: api.StorageType
+    ) -> KeyValue:
+        name = self.subjects.bucket(role)
+        try:
+            return await self.js.create_key_value(
+                bucket=name, history=history, ttl=ttl, storage=storage
+            )
+        except jserr.BadRequestError as exc:
+            if exc.err_code != _STREAM_EXISTS:
+                raise
+            return await self.js.key_value(name)
+
+    def kv(self, role: str) -> KeyValue:
+        return self._kv[role]
+
+    # ----------------------------------------------------------------- messages
+    async def publish(self, subject: str, obj: Any, msg_id: str | None = None) -> api.PubAck:
+        """Publish ``obj`` (a wire Struct) into JetStream; ``msg_id`` makes a retry harmless."""
+        headers = {"Nats-Msg-Id": msg_id} if msg_id else None
+        return await self.js.publish(subject, wire.encode(obj), headers=headers)
+
+    async def report(self, event: wire.ErrorEvent) -> None:
+        """Publish an error event on ``error.<kind>.<name>`` and log it; never raises."""
+        if not event.at:
+            event.at = wire.now()
+        log.error("reported", kind=event.kind, name=event.name, app=event.app, error=event.message)
+        tokens = [event.kind, event.name] if event.name else [event.kind]
+        try:
+            await self.publish(self.subjects.error(*tokens), event)
+        except Exception as exc:  # noqa: BLE001 - reporting must not fail the caller
+            log.warning("could not publish error event", error=str(exc))
+
+    async def put_with_ttl(
+        self, role: str, key: str, value: bytes, ttl: float, last: int | None = None
+    ) -> int:
+        """Put a KV entry that expires after ``ttl`` s (compare-and-set when ``last``)."""
+        headers = {"Nats-TTL": f"{max(1, int(ttl))}s"}
+        if last is not None:
+            headers["Nats-Expected-Last-Subject-Sequence"] = str(last)
+        subject = f"$KV.{self.subjects.bucket(role)}.{key}"
+        try:
+            ack = await self.js.publish(subject, value, headers=headers)
+        except jserr.APIError as exc:
+            if exc.err_code in (10071, 10164):
+                raise jserr.KeyWrongLastSequenceError(description=exc.description) from None
+            raise
+        return ack.seq
+
+
+class KVCache(Generic[T]):
+    """A local, always-current copy of the keys of one bucket under a prefix.
+
+    Built on a KV watch: every service that needs a key space on each message keeps it in
+    memory instead of asking the server each time. ``revision`` of an entry is what a
+    compare-and-set update must name.
+    """
+
+    def __init__(
+        self,
+        bus: Bus,
+        role: str,
+        pattern: str,
+        decode: Callable[[bytes], T],
+        on_change: Callable[[str, T | None], None] | None = None,
+    ) -> None:
+        self._bus, self._role, self._pattern = bus, role, pattern
+        self._decode = decode
+        self._on_change = on_change
+        self._items: dict[str, tuple[int, T]] = {}
+        self.ready = asyncio.Event()
+
+    def get(self, key: str) -> tuple[int, T] | None:
+        return self._items.get(key)
+
+    def value(self, key: str) -> T | None:
+        item = self._items.get(key)
+        return item[1] if item else None
+
+    def items(self) -> Iterator[tuple[str, T]]:
+        for key, (_, value) in list(self._items.items()):
+            yield key, value
+
+    def keys(self) -> list[str]:
+        return list(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def apply(self, key: str, revision: int, value: T | None) -> None:
+        """Record a change we made ourselves (the watch will confirm it)."""
+        current = self._items.get(key)
+        if current and current[0] > revision:
+            return
+        if value is None:
+            self._items.pop(key, None)
+        else:
+            self._items[key] = (revision, value)
+
+    async def run(self) -> None:
+        """Follow the bucket forever (re-watching after a broker restart)."""
+        while True:
+            try:
+                await self._watch()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - reconnect and watch again
+                log.warning("kv watch restarting", bucket=self._role, error=str(exc))
+                await asyncio.sleep(0.5)
+
+    async def _watch(self) -> None:
+        watcher = await self._bus.kv(self._role).watch(self._pattern)
+        try:
+            while True:
+                entry = await watcher.updates(timeout=None)  # type: ignore[arg-type]
+                if entry is None:
+                    self.ready.set()
+                    continue
+                self._handle(entry)
+        finally:
+            await watcher.stop()
+
+    def _handle(self, entry: Any) -> None:
+        key = entry.key
+        if entry.operation in ("DEL", "PURGE") or not entry.value:
+            self._items.pop(key, None)
+            value = None
+        else:
+            try:
+                value = self._decode(entry.value)
+            except Exception as exc:  # noqa: BLE001 - a bad record must not stop the watch
+                log.warning("undecodable kv entry", bucket=self._role, key=key, error=str(exc))
+                return
+            current = self._items.get(key)
+            if current and current[0] > entry.revision:
+                return
+            self._items[key] = (entry.revision, value)
+        if self._on_change:
+            self._on_change(key, value)

@@ -1,0 +1,162 @@
+"""The ``mlsysops`` command: run the loop locally, publish descriptions, look inside.
+
+- ``mlsysops up``: an embedded nats-server (unless a NATS URL is given) and the five
+  services as separate processes; Ctrl-C stops all of it.
+- ``mlsysops publish app|cluster|node FILE`` and ``mlsysops delete KIND NAME``.
+- ``mlsysops status`` and ``mlsysops plans [--follow]``, each with ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mlsysops import settings as settings_mod
+from mlsysops.errors import BadInput
+
+SERVICES = ("monitor", "analyzer", "planner", "scheduler", "executor")
+NAME_FIELDS = {"app": ("MLSysOpsApp", "name"), "cluster": ("MLSysOpsCluster", "cluster_id"),
+               "node": ("MLSysOpsNode", "name")}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        sys.exit(2)
+    try:
+        cfg = settings_mod.load(args)
+    except BadInput as exc:
+        print(f"mlsysops: {exc}", file=sys.stderr)
+        sys.exit(2)
+    from mlsysops import logs
+
+    logs.configure(cfg.log_format, "warning" if args.command != "up" else cfg.log_level,
+                   service="cli")
+    try:
+        code = args.handler(args, cfg)
+    except BadInput as exc:
+        print(f"mlsysops: {exc}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mlsysops import local
+
+    parser = argparse.ArgumentParser(prog="mlsysops", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command")
+
+    up = _command(sub, "up", "run the whole loop on this machine", local.cmd_up)
+    up.add_argument("--data-dir", default=".mlsysops", help="embedded nats-server store")
+    up.add_argument("--nats-port", type=int, default=4222, help="port of the embedded server")
+    up.add_argument("--replicas", default="", help="e.g. analyzer=2,planner=2")
+    up.add_argument("--publish", action="append", default=[], metavar="PATH",
+                    help="publish the descriptions in PATH (file or directory) once running")
+
+    pub = _command(sub, "publish", "publish a description", cmd_publish)
+    pub.add_argument("kind", choices=sorted(NAME_FIELDS))
+    pub.add_argument("file", help="YAML or JSON description ('-' for stdin)")
+    pub.add_argument("--name", help="name to publish under (default: from the document)")
+
+    rm = _command(sub, "delete", "delete a description", cmd_delete)
+    rm.add_argument("kind", choices=sorted(NAME_FIELDS))
+    rm.add_argument("name")
+
+    _command(sub, "status", "apps, policies, mechanisms, claims and services", _inspect("status"))
+
+    plans = _command(sub, "plans", "each plan's trace: verdict, plan, decision, result",
+                     _inspect("plans"))
+    plans.add_argument("--follow", action="store_true", help="keep printing new events")
+    plans.add_argument("--app", help="only this application")
+    plans.add_argument("--wait", type=float, default=0.0,
+                       help="exit 0 once a plan (for --app) exists, 1 after this many seconds")
+    return parser
+
+
+def _command(sub: Any, name: str, help: str, handler: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help)
+    settings_mod.add_arguments(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=handler)
+    return p
+
+
+def _inspect(what: str) -> Any:
+    def handler(args: argparse.Namespace, cfg: settings_mod.Settings) -> int:
+        from mlsysops import observe as inspect_mod
+
+        return asyncio.run(getattr(inspect_mod, what)(args, cfg))
+
+    return handler
+
+
+# ---------------------------------------------------------------- publishing
+def guess_name(kind: str, payload: bytes) -> str:
+    """The name a description document gives itself (for the subject)."""
+    try:
+        doc = yaml.safe_load(payload)
+    except yaml.YAMLError as exc:
+        raise BadInput(f"not YAML or JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise BadInput("the description must be a mapping")
+    top, field = NAME_FIELDS[kind]
+    body = doc.get(top) if top in doc else doc
+    name = body.get(field) if isinstance(body, dict) else None
+    name = name or (doc.get("metadata") or {}).get("name")
+    if not isinstance(name, str) or not name:
+        raise BadInput(f"cannot tell the {kind}'s name: give {top}.{field} or use --name")
+    return name
+
+
+def cmd_publish(args: argparse.Namespace, cfg: settings_mod.Settings) -> int:
+    data = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+    name = args.name or guess_name(args.kind, data)
+    return asyncio.run(publish(cfg, args.kind, name, data, as_json=args.json))
+
+
+def cmd_delete(args: argparse.Namespace, cfg: settings_mod.Settings) -> int:
+    return asyncio.run(publish(cfg, args.kind, args.name, b"", as_json=args.json))
+
+
+async def publish(cfg: settings_mod.Settings, kind: str, name: str, data: bytes, *,
+                  as_json: bool = False, timeout: float = 10.0) -> int:
+    import nats
+
+    from mlsysops.bus import connect_options
+    from mlsysops.subjects import Subjects, check_token
+
+    check_token(kind, name)
+    opts = connect_options(cfg)
+    opts["max_reconnect_attempts"] = 2
+    nc = await nats.connect(**opts)
+    try:
+        msg = await nc.request(Subjects(cfg.prefix).desc(kind, name), data, timeout=timeout)
+    except nats.errors.NoRespondersError:
+        print("mlsysops: no monitor is listening for descriptions (is the loop running?)",
+              file=sys.stderr)
+        return 3
+    finally:
+        await nc.close()
+    reply = json.loads(msg.data)
+    print(json.dumps(reply, indent=2) if as_json else _describe_reply(reply))
+    return 0 if reply.get("accepted") else 1
+
+
+def _describe_reply(reply: dict[str, Any]) -> str:
+    verb = "deleted" if reply.get("deleted") else "accepted"
+    head = f"{reply['kind']} {reply['name']}: " + (verb if reply["accepted"] else "REJECTED")
+    lines = [head]
+    lines += [f"  error   {e['path']}: {e['message']}" for e in reply.get("errors", [])]
+    lines += [f"  warning {w['path']}: {w['message']}" for w in reply.get("warnings", [])]
+    return "\n".join(lines)

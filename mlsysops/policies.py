@@ -1,0 +1,134 @@
+"""What the framework reads from a policy: its settings, and checks of what it returns.
+
+A policy's ``initialize()`` returns its initial context. The framework honours these keys
+(everything else belongs to the policy): ``configuration.analyze_interval``, ``scope``
+(``application`` or ``global``), ``core``, ``mechanisms``, ``packages`` and
+``telemetry``. :func:`policy_settings` turns them into a :class:`PolicySettings` or a
+clear load error; :func:`check_context` and :func:`check_plan` check what analyze and
+plan hand back.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from mlsysops.errors import PluginError
+from mlsysops.intervals import parse_duration
+
+DEFAULT_INTERVAL = 10.0
+MIN_INTERVAL = 0.1
+# Seed policies declare "fluidity_proxy" and plan for "fluidity": the same mechanism.
+MECHANISM_ALIASES = {"fluidity_proxy": "fluidity"}
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    interval: float = DEFAULT_INTERVAL
+    scope: str = "application"
+    core: bool = False
+    mechanisms: tuple[str, ...] = ()
+    on_telemetry: bool = False
+
+
+def policy_settings(name: str, context: Any) -> PolicySettings:
+    """Read and check the framework keys of an initial context."""
+    if not isinstance(context, dict):
+        raise PluginError(name, f"initialize() must return a dict, not {type(context).__name__}")
+    check_context(name, context, what="initialize()")
+    config = context.get("configuration") or {}
+    if not isinstance(config, dict):
+        raise PluginError(name, "context key 'configuration' must be a dict")
+    try:
+        interval = parse_duration(
+            config.get("analyze_interval", DEFAULT_INTERVAL),
+            what="configuration.analyze_interval", minimum=MIN_INTERVAL,
+        )
+    except Exception as exc:
+        raise PluginError(name, str(exc)) from None
+    scope = context.get("scope", "application")
+    if scope not in ("application", "global"):
+        raise PluginError(name, f"context key 'scope' must be 'application' or 'global', not {scope!r}")
+    mechanisms = context.get("mechanisms") or []
+    if not isinstance(mechanisms, list) or not all(isinstance(m, str) for m in mechanisms):
+        raise PluginError(name, "context key 'mechanisms' must be a list of mechanism names")
+    _check_packages(name, context.get("packages") or [])
+    return PolicySettings(
+        interval=interval,
+        scope=scope,
+        core=bool(context.get("core", False)),
+        mechanisms=tuple(MECHANISM_ALIASES.get(m, m) for m in mechanisms),
+        on_telemetry=bool(config.get("analyze_on_telemetry", False)),
+    )
+
+
+def _check_packages(name: str, packages: Any) -> None:
+    if not isinstance(packages, list):
+        raise PluginError(name, "context key 'packages' must be a list of package names")
+    for package in packages:
+        module = str(package).split("==")[0].split(">=")[0].strip().replace("-", "_")
+        if not module or importlib.util.find_spec(module) is None:
+            raise PluginError(
+                name, f"needs package {package!r}, which is not installed (packages are never "
+                "installed at run time: add it to the image or virtualenv)"
+            )
+
+
+def check_context(name: str, context: Any, *, what: str) -> dict[str, Any]:
+    """The context if it is plain JSON data, else a :class:`PluginError` naming the key."""
+    if not isinstance(context, dict):
+        raise PluginError(name, f"{what} must return a dict context, not {type(context).__name__}")
+    bad = _first_non_json(context, "context")
+    if bad:
+        raise PluginError(name, f"{what} returned a context that is not plain data: {bad}")
+    return context
+
+
+def check_plan(name: str, plan: Any) -> dict[str, Any]:
+    """The plan if it is ``{mechanism: command}`` of plain data."""
+    if plan is None:
+        return {}
+    if not isinstance(plan, dict):
+        raise PluginError(name, f"plan() must return a dict {{mechanism: command}}, not "
+                                f"{type(plan).__name__}")
+    for key in plan:
+        if not isinstance(key, str) or not key:
+            raise PluginError(name, f"plan() returned a mechanism name {key!r} that is not a string")
+    bad = _first_non_json(plan, "plan")
+    if bad:
+        raise PluginError(name, f"plan() returned a plan that is not plain data: {bad}")
+    return plan
+
+
+def check_result(name: str, what: str, result: Any) -> tuple[Any, Any]:
+    """Unpack the ``(value, context)`` pair analyze and plan must return."""
+    if not isinstance(result, tuple | list) or len(result) != 2:
+        raise PluginError(name, f"{what}() must return a pair (result, context), got "
+                                f"{type(result).__name__}")
+    return result[0], result[1]
+
+
+def _first_non_json(value: Any, path: str, depth: int = 0) -> str | None:
+    if depth > 64:
+        return f"{path} is nested more than 64 levels deep"
+    if value is None or isinstance(value, bool | int | str):
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{path} is {value!r}, not a finite number"
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return f"{path} has a key {key!r} that is not a string"
+            found = _first_non_json(item, f"{path}.{key}", depth + 1)
+            if found:
+                return found
+        return None
+    if isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            found = _first_non_json(item, f"{path}[{i}]", depth + 1)
+            if found:
+                return found
+        return None
+    return f"{path} is a {type(value).__name__}"

@@ -1,0 +1,1 @@
+"""The Analyze service: runs each policy's ``analyze`` per application at its interval."""

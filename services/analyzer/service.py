@@ -1,0 +1,247 @@
+"""Analyzer: evaluates every (policy, application) pair at the policy's interval.
+
+Work is shared between replicas without a coordinator: each replica announces itself in
+the leases bucket, and a pair belongs to the replica that wins rendezvous hashing over
+the live members. The context record of a pair is written with compare-and-set, so even
+while membership changes at most one evaluation per interval is kept. A positive verdict
+marks the pair in flight (no new analysis until the planner has made its plan) and is
+kept in the record's outbox until published, so a crash never loses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import heapq
+import time
+from typing import Any
+
+import nats.js.errors as jserr
+
+from mlsysops import http, logs, subjects, wire
+from mlsysops.bus import Bus, KVCache
+from mlsysops.errors import PluginError
+from mlsysops.policies import check_context, check_result
+from mlsysops.policyhost import Policy, PolicyHost
+from mlsysops.state import StateView
+
+log = logs.get(__name__)
+
+TICK = 0.05
+MEMBER_TTL = 10.0
+MEMBER_EVERY = 3.0
+CONCURRENCY = 64
+Pair = tuple[str, str]
+
+
+class Analyzer:
+    name = "analyzer"
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self.state = StateView(bus)
+        self.host = PolicyHost(bus)
+        self.contexts: KVCache[wire.ContextRecord] = KVCache(
+            bus, subjects.BUCKET_CONTEXT, ">", wire.CONTEXT_RECORD.decode)
+        self.members: KVCache[wire.ServiceHeartbeat] = KVCache(
+            bus, subjects.BUCKET_LEASES, "members.analyzer.*", wire.HEARTBEAT.decode)
+        self._member_key = f"members.analyzer.{bus.instance.replace('.', '_')}"
+        self._heap: list[tuple[float, Pair]] = []
+        self._due: dict[Pair, float] = {}
+        self._running: set[Pair] = set()
+        self._slots = asyncio.Semaphore(CONCURRENCY)
+        self._wake = asyncio.Event()
+        self.state.telemetry_listeners.append(self._on_telemetry)
+        self.state.app_listeners.append(lambda app, value: self._wake.set())
+        self.host.listeners.append(lambda name: self._wake.set())
+
+    def tasks(self) -> list[Any]:
+        return [*self.state.tasks(), self.contexts.run(), self.members.run(), self.host.watch(),
+                self._announce(), self._loop()]
+
+    def ready(self) -> bool:
+        return self.host.loaded.is_set() and self.contexts.ready.is_set()
+
+    def close(self) -> None:
+        self.host.directory.close()
+
+    def role(self) -> str:
+        return f"members={max(1, len(self.members))}"
+
+    # ------------------------------------------------------------ sharing the work
+    async def _announce(self) -> None:
+        beat = wire.ServiceHeartbeat("analyzer", self.bus.instance, wire.now(), wire.now())
+        while True:
+            beat.updated_at = wire.now()
+            try:
+                await self.bus.put_with_ttl(subjects.BUCKET_LEASES, self._member_key,
+                                            wire.encode(beat), MEMBER_TTL)
+            except Exception as exc:  # noqa: BLE001 - retried next period
+                log.debug("membership refresh failed", error=str(exc))
+            await asyncio.sleep(MEMBER_EVERY)
+
+    def owns(self, pair: Pair) -> bool:
+        members = set(self.members.keys()) | {self._member_key}
+        if len(members) == 1:
+            return True
+        return max(members, key=lambda m: _score(pair, m)) == self._member_key
+
+    # ------------------------------------------------------------ scheduling
+    def pairs(self) -> dict[Pair, Policy]:
+        apps = self.state.apps()
+        out: dict[Pair, Policy] = {}
+        for policy in self.host.active():
+            if policy.settings.scope == "global":
+                out[(policy.name, subjects.GLOBAL_APP)] = policy
+            else:
+                out.update({(policy.name, app): policy for app in apps})
+        return out
+
+    def _schedule(self, pair: Pair, at: float) -> None:
+        if self._due.get(pair, float("inf")) <= at:
+            return
+        self._due[pair] = at
+        heapq.heappush(self._heap, (at, pair))
+
+    def _on_telemetry(self, snap: wire.Telemetry) -> None:
+        now = time.monotonic()
+        for pair, policy in self.pairs().items():
+            if policy.settings.on_telemetry:
+                self._schedule(pair, now)
+        self._wake.set()
+
+    async def _loop(self) -> None:
+        await asyncio.gather(self.host.loaded.wait(), self.contexts.ready.wait(),
+                             self.state.wait_ready())
+        while True:
+            pairs = self.pairs()
+            now = time.monotonic()
+            for pair in pairs.keys() - self._due.keys():
+                self._schedule(pair, now)
+            while self._heap and self._heap[0][0] <= now:
+                at, pair = heapq.heappop(self._heap)
+                if self._due.get(pair) != at:
+                    continue
+                del self._due[pair]
+                policy = pairs.get(pair)
+                if policy is None or pair in self._running:
+                    continue
+                self._schedule(pair, now + policy.settings.interval)
+                if self.owns(pair):
+                    self._running.add(pair)
+                    await self._slots.acquire()
+                    asyncio.ensure_future(self._evaluate_guarded(policy, pair))
+            await self._cleanup(pairs)
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), TICK)
+            except TimeoutError:
+                pass
+
+    async def _cleanup(self, pairs: dict[Pair, Policy]) -> None:
+        """Forget context records of applications that were deleted."""
+        apps = set(self.state.apps()) | {subjects.GLOBAL_APP}
+        for key in self.contexts.keys():
+            policy, _, app = key.partition(".")
+            if app not in apps and self.owns((policy, app)):
+                self.contexts.apply(key, 1 << 62, None)
+                try:
+                    await self.bus.kv(subjects.BUCKET_CONTEXT).delete(key)
+                except Exception as exc:  # noqa: BLE001 - retried on the next tick
+                    log.debug("context cleanup failed", key=key, error=str(exc))
+
+    # ------------------------------------------------------------ one evaluation
+    async def _evaluate_guarded(self, policy: Policy, pair: Pair) -> None:
+        started = time.perf_counter()
+        try:
+            await self.evaluate(policy, pair[1])
+        except Exception as exc:  # noqa: BLE001 - one pair must not stop the others
+            http.ERRORS.labels("analyzer", "evaluation").inc()
+            log.error("evaluation failed", policy=pair[0], app=pair[1], error=repr(exc))
+        finally:
+            self._running.discard(pair)
+            self._slots.release()
+            http.LATENCY.labels("analyzer", "evaluation").observe(time.perf_counter() - started)
+            http.MESSAGES.labels("analyzer", "evaluation").inc()
+
+    async def evaluate(self, policy: Policy, app: str) -> None:
+        key = wire.context_key(policy.name, app)
+        revision, record = self.contexts.get(key) or (0, None)
+        if record is None:
+            record = wire.ContextRecord(context=_copy(policy.initial))
+        if record.inflight:
+            await self._maybe_republish(record)
+            return
+        if wire.now() < record.last_eval + policy.settings.interval * 0.9:
+            return  # another replica evaluated this pair within the interval
+        outcome = await self._analyze(policy, app, record.context)
+        if outcome is None:
+            return
+        verdict_flag, context = outcome
+        new = wire.ContextRecord(context=context, last_eval=wire.now(),
+                                 last_verdict=verdict_flag, last_plan_id=record.last_plan_id,
+                                 evaluations=record.evaluations + 1,
+                                 policy_digest=policy.plugin.digest)
+        verdict = None
+        if verdict_flag:
+            verdict = wire.Verdict(
+                verdict_id=wire.make_id("v", policy.name, app, revision, record.evaluations),
+                app=app, policy=policy.name, created_at=wire.now(), context=context)
+            new.inflight, new.inflight_since, new.outbox_verdict = (
+                verdict.verdict_id, verdict.created_at, verdict)
+        if not await self._store(key, revision, new):
+            return
+        if verdict is not None:
+            await self.bus.publish(self.bus.subjects.verdict(app, policy.name), verdict,
+                                   msg_id=verdict.verdict_id)
+            log.info("verdict", policy=policy.name, app=app, verdict_id=verdict.verdict_id)
+
+    async def _analyze(self, policy: Policy, app: str,
+                       context: dict[str, Any]) -> tuple[bool, dict[str, Any]] | None:
+        args = (_copy(context), self.state.app_description(app), self.state.system_description(),
+                self.state.mechanisms(), self.state.telemetry(),
+                self.bus.settings.ml_connector_url or None)
+        try:
+            result = await policy.plugin.call("analyze", *args,
+                                              timeout=self.bus.settings.call_timeout)
+            flag, new_context = check_result(policy.name, "analyze", result)
+            if not isinstance(flag, bool):
+                raise PluginError(policy.name, f"analyze() must return a bool verdict first, "
+                                               f"got {type(flag).__name__}")
+            check_context(policy.name, new_context, what="analyze()")
+        except PluginError as exc:
+            await self.host.failed(policy, app, "analyze", exc)
+            return None
+        await self.host.succeeded(policy)
+        return flag, new_context
+
+    async def _store(self, key: str, revision: int, record: wire.ContextRecord) -> bool:
+        kv = self.bus.kv(subjects.BUCKET_CONTEXT)
+        data = wire.encode(record)
+        try:
+            if revision:
+                new_rev = await kv.update(key, data, last=revision)
+            else:
+                new_rev = await kv.create(key, data)
+        except jserr.KeyWrongLastSequenceError:
+            log.debug("context changed under us; evaluation dropped", key=key)
+            return False
+        self.contexts.apply(key, new_rev, record)
+        return True
+
+    async def _maybe_republish(self, record: wire.ContextRecord) -> None:
+        """A verdict stuck in flight for long: publish its outbox again (same id)."""
+        stale_after = 2 * self.bus.settings.call_timeout + 5
+        verdict = record.outbox_verdict
+        if verdict is None or wire.now() - record.inflight_since < stale_after:
+            return
+        await self.bus.publish(self.bus.subjects.verdict(verdict.app, verdict.policy), verdict,
+                               msg_id=verdict.verdict_id)
+
+
+def _score(pair: Pair, member: str) -> bytes:
+    return hashlib.blake2b(f"{pair[0]}\x00{pair[1]}\x00{member}".encode(), digest_size=8).digest()
+
+
+def _copy(value: Any) -> Any:
+    return wire.CONTEXT_RECORD.decode(wire.encode(wire.ContextRecord(context=value))).context

@@ -1,0 +1,1 @@
+"""The Execute service: applies scheduled commands through mechanism plugins."""

@@ -1,0 +1,186 @@
+"""Executor: applies each scheduled command through its mechanism, at most once.
+
+Requests come from a durable consumer shared by all executor replicas. Before calling
+``apply`` the executor creates the (plan, mechanism) entry in the ledger; creation is
+atomic, so a redelivered request finds the entry and never applies twice. While ``apply``
+runs the message is kept alive with in-progress acks. If an executor dies inside
+``apply`` the entry stays ``started``: the redelivered request then records the
+execution as failed ("interrupted, outcome unknown") instead of applying again, because
+mechanisms are best effort and not retried (the next analysis sees the real state).
+
+Each executor also publishes every mechanism's ``get_status``/``get_options`` on
+``status.<mechanism>`` and in the ``status`` bucket, periodically and after each apply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import msgspec
+import nats.js.errors as jserr
+from nats.aio.msg import Msg
+
+from mlsysops import logs, subjects, wire
+from mlsysops.bus import Bus
+from mlsysops.consumer import consume
+from mlsysops.errors import PluginError
+from mlsysops.mechhost import MechanismHost
+from mlsysops.plugins import Plugin
+from mlsysops.state import StateView, mech_key
+
+log = logs.get(__name__)
+INTERRUPTED = ("interrupted: the executor stopped during apply; the outcome is unknown and "
+               "the command is not applied again (mechanisms are best effort)")
+
+
+class Executor:
+    name = "executor"
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self.state = StateView(bus, telemetry=False)
+        self.mechanisms = MechanismHost(bus)
+        self.mechanisms.listeners.append(self._on_mechanism)
+
+    def tasks(self) -> list[Any]:
+        return [*self.state.tasks(), self.mechanisms.watch(), self._consume(),
+                self._status_loop()]
+
+    def ready(self) -> bool:
+        return self.mechanisms.loaded.is_set()
+
+    def close(self) -> None:
+        self.mechanisms.directory.close()
+
+    def role(self) -> str:
+        return ""
+
+    async def _consume(self) -> None:
+        await self.mechanisms.loaded.wait()
+        await self.state.wait_ready()
+        await consume(self.bus, "exec", "executor", self.handle, concurrency=16, ack_wait=30)
+
+    # ------------------------------------------------------------ one request
+    async def handle(self, msg: Msg) -> None:
+        try:
+            request = wire.EXEC_REQUEST.decode(msg.data)
+        except msgspec.DecodeError as exc:
+            await self.bus.report(wire.ErrorEvent(kind="service", name="executor",
+                                                  message=f"undecodable request dropped: {exc}"))
+            await msg.term()
+            return
+        ledger = self.bus.kv(subjects.BUCKET_LEDGER)
+        key = f"{request.plan_id}.{request.mechanism}"
+        entry = wire.LedgerEntry(state="started", plan_id=request.plan_id,
+                                 mechanism=request.mechanism, executor=self.bus.instance,
+                                 started_at=wire.now())
+        try:
+            revision = await ledger.create(key, wire.encode(entry))
+        except jserr.KeyWrongLastSequenceError:
+            await self._seen_before(request, key)
+            await msg.ack()
+            return
+        result = await self._apply(request, msg)
+        entry.state = result.outcome
+        entry.finished_at, entry.error = result.finished_at, result.error
+        await ledger.update(key, wire.encode(entry), last=revision)
+        await self._publish_result(result)
+        await msg.ack()
+        plugin = self.mechanisms.get(request.mechanism)
+        if plugin is not None:
+            asyncio.ensure_future(self._publish_status(request.mechanism, plugin))
+
+    async def _seen_before(self, request: wire.ExecRequest, key: str) -> None:
+        """A redelivery: re-announce a finished result, or close an interrupted apply."""
+        ledger = self.bus.kv(subjects.BUCKET_LEDGER)
+        found = await ledger.get(key)
+        entry = wire.LEDGER.decode(found.value or b"")
+        if entry.state == "started":
+            entry.state, entry.error, entry.finished_at = "failed", INTERRUPTED, wire.now()
+            await ledger.update(key, wire.encode(entry), last=found.revision)
+            log.warning("apply was interrupted; not applied again", plan_id=request.plan_id,
+                        mechanism=request.mechanism)
+        await self._publish_result(wire.ExecResult(
+            plan_id=request.plan_id, mechanism=request.mechanism, outcome=entry.state,
+            app=request.app, policy=request.policy, error=entry.error,
+            duration=max(0.0, entry.finished_at - entry.started_at),
+            finished_at=entry.finished_at, executor=entry.executor))
+
+    async def _apply(self, request: wire.ExecRequest, msg: Msg) -> wire.ExecResult:
+        started = time.perf_counter()
+        error = ""
+        plugin = self.mechanisms.get(request.mechanism)
+        keepalive = asyncio.ensure_future(_keep_alive(msg))
+        try:
+            if plugin is None:
+                raise PluginError(request.mechanism, "mechanism is not loaded by this executor")
+            await plugin.call("apply", request.command, timeout=self.bus.settings.apply_timeout)
+        except PluginError as exc:
+            error = exc.message
+            await self.bus.report(wire.ErrorEvent(kind="mechanism", name=request.mechanism,
+                                                  app=request.app, message=error,
+                                                  traceback=exc.traceback,
+                                                  details={"plan_id": request.plan_id}))
+        finally:
+            keepalive.cancel()
+        outcome = "failed" if error else "applied"
+        log.info("executed", plan_id=request.plan_id, mechanism=request.mechanism,
+                 outcome=outcome, error=error)
+        return wire.ExecResult(plan_id=request.plan_id, mechanism=request.mechanism,
+                               outcome=outcome, app=request.app, policy=request.policy,
+                               error=error, duration=time.perf_counter() - started,
+                               finished_at=wire.now(), executor=self.bus.instance)
+
+    async def _publish_result(self, result: wire.ExecResult) -> None:
+        await self.bus.publish(self.bus.subjects.result(result.mechanism), result,
+                               msg_id=f"r-{result.plan_id}.{result.mechanism}")
+
+    # ------------------------------------------------------------ mechanism status
+    async def _status_loop(self) -> None:
+        await self.mechanisms.loaded.wait()
+        while True:
+            for name in self.mechanisms.names():
+                plugin = self.mechanisms.get(name)
+                if plugin is not None:
+                    await self._publish_status(name, plugin)
+            await asyncio.sleep(self.bus.settings.status_interval)
+
+    async def _on_mechanism(self, name: str, plugin: Plugin | None) -> None:
+        if plugin is None or not plugin.loaded:
+            try:
+                await self.bus.kv(subjects.BUCKET_STATUS).delete(mech_key(name))
+            except Exception as exc:  # noqa: BLE001 - best effort
+                log.debug("could not clear mechanism status", error=str(exc))
+        else:
+            await self._publish_status(name, plugin)
+
+    async def _publish_status(self, name: str, plugin: Plugin) -> None:
+        status = wire.MechanismStatus(mechanism=name, updated_at=wire.now(),
+                                      executor=self.bus.instance)
+        timeout = self.bus.settings.call_timeout
+        try:
+            if plugin.function("get_status"):
+                status.state = await plugin.call("get_status", timeout=timeout)
+            if plugin.function("get_options"):
+                status.options = await plugin.call("get_options", timeout=timeout)
+            data = wire.encode(status)
+        except (PluginError, TypeError, msgspec.EncodeError) as exc:
+            status.state = status.options = None
+            status.error = exc.message if isinstance(exc, PluginError) else str(exc)
+            data = wire.encode(status)
+        try:
+            await self.bus.kv(subjects.BUCKET_STATUS).put(mech_key(name), data)
+            await self.bus.nc.publish(self.bus.subjects.status(name), data)  # type: ignore[union-attr]
+        except Exception as exc:  # noqa: BLE001 - retried next period
+            log.debug("could not publish mechanism status", error=str(exc))
+
+
+async def _keep_alive(msg: Msg, every: float = 5.0) -> None:
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await msg.in_progress()
+        except Exception:  # noqa: BLE001 - the ack itself will tell
+            return

@@ -1,0 +1,1 @@
+"""The Plan service: turns each positive verdict into a plan with the policy's ``plan``."""

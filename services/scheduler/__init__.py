@@ -1,0 +1,1 @@
+"""The Plan Scheduler service: orders plans and decides which may use each mechanism."""
