@@ -104,9 +104,10 @@ class Bus:
     async def close(self) -> None:
         if self.nc is not None and not self.nc.is_closed:
             try:
-                await self.nc.drain()
+                await asyncio.wait_for(self.nc.flush(), 2)
             except Exception:  # noqa: BLE001 - closing anyway
-                await self.nc.close()
+                pass
+            await self.nc.close()
 
     async def _on_error(self, exc: Exception) -> None:
         log.warning("nats error", error=str(exc))

@@ -38,6 +38,18 @@ async def consume(
         max_ack_pending=max_ack_pending, deliver_policy=api.DeliverPolicy.ALL,
     )
     slots = asyncio.Semaphore(concurrency)
+    running: set[asyncio.Future[None]] = set()
+    try:
+        await _loop(bus, durable, stream, config, handler, family, concurrency, slots, running)
+    finally:
+        for task in running:  # stopping: unacked messages come back to another replica
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+
+
+async def _loop(bus: Bus, durable: str, stream: str, config: api.ConsumerConfig,
+                handler: Callable[[Msg], Awaitable[None]], family: str, concurrency: int,
+                slots: asyncio.Semaphore, running: set[asyncio.Future[None]]) -> None:
     sub = None
     while True:
         try:
@@ -56,7 +68,9 @@ async def consume(
             continue
         for msg in batch:
             await slots.acquire()
-            asyncio.ensure_future(_run(bus.service, family, handler, msg, slots))
+            task = asyncio.ensure_future(_run(bus.service, family, handler, msg, slots))
+            running.add(task)
+            task.add_done_callback(running.discard)
 
 
 async def _run(service: str, kind: str, handler: Callable[[Msg], Awaitable[None]], msg: Msg,

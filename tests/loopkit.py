@@ -161,3 +161,9 @@ async def collect(url: str, into: list[dict[str, Any]], families: tuple[str, ...
     for family in families:
         await nc.subscribe(f"mlsysops.{family}.>", cb=cb)
     return nc
+
+
+async def stored(js: Any, family: str, subject: str) -> int:
+    """How many messages the stream of ``family`` keeps on ``subject``."""
+    info = await js.stream_info(f"MLSYSOPS_{family}", subjects_filter=subject)
+    return int((info.state.subjects or {}).get(subject, 0))

@@ -495,6 +495,21 @@ REFUSED = {
         },
         "component 'server-app' has no containers",
     ),
+    "env not a list": (
+        {
+            "name": APP,
+            "deployment_plan": {
+                "server-app": [
+                    {"action": "deploy", "host": "node-a"},
+                    {
+                        "action": "change_spec",
+                        "new_spec": {"containers": [{"image": "x", "env": {"A": "1"}}]},
+                    },
+                ]
+            },
+        },
+        "component 'server-app' container 0: env must be a list",
+    ),
     "new_spec for another component": (
         {
             "name": APP,
