@@ -138,8 +138,17 @@ async def publish(cfg: settings_mod.Settings, kind: str, name: str, data: bytes,
 
     check_token(kind, name)
     opts = connect_options(cfg)
-    opts["max_reconnect_attempts"] = 2
-    nc = await nats.connect(**opts)
+    opts["max_reconnect_attempts"] = 0
+
+    async def quiet(exc: Exception) -> None:
+        return None
+
+    try:
+        nc = await asyncio.wait_for(nats.connect(**opts, error_cb=quiet), 5)
+    except (Exception, TimeoutError) as exc:  # noqa: BLE001 - any connection failure ends here
+        print(f"mlsysops: cannot connect to NATS at {cfg.nats_url}: "
+              f"{exc or 'no answer within 5 s'}", file=sys.stderr)
+        return 4
     try:
         msg = await nc.request(Subjects(cfg.prefix).desc(kind, name), data, timeout=timeout)
     except nats.errors.NoRespondersError:
@@ -160,3 +169,7 @@ def _describe_reply(reply: dict[str, Any]) -> str:
     lines += [f"  error   {e['path']}: {e['message']}" for e in reply.get("errors", [])]
     lines += [f"  warning {w['path']}: {w['message']}" for w in reply.get("warnings", [])]
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

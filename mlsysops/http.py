@@ -35,15 +35,21 @@ async def serve(host: str, port: int, ready: Callable[[], bool]) -> asyncio.Abst
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            line = await asyncio.wait_for(reader.readline(), 5)
-            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
-                pass
-            parts = line.decode("latin-1").split()
-            path = parts[1] if len(parts) > 1 else "/"
-            status, ctype, body = _route(path, ready)
+            try:
+                line = await asyncio.wait_for(reader.readline(), 5)
+                while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n",
+                                                                              b""):
+                    pass
+            except ValueError:  # a request or header line longer than the stream limit
+                status, ctype, body, method = "400 Bad Request", "text/plain", b"bad request\n", ""
+            else:
+                parts = line.decode("latin-1").split()
+                method = parts[0] if parts else ""
+                path = parts[1] if len(parts) > 1 else "/"
+                status, ctype, body = _route(method, path, ready)
             head = (f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
                     f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
-            writer.write(head.encode() + body)
+            writer.write(head.encode() + (b"" if method == "HEAD" else body))
             await writer.drain()
         except (TimeoutError, ConnectionError):
             pass
@@ -55,14 +61,20 @@ async def serve(host: str, port: int, ready: Callable[[], bool]) -> asyncio.Abst
     return server
 
 
-def _route(path: str, ready: Callable[[], bool]) -> tuple[str, str, bytes]:
+def _route(method: str, path: str, ready: Callable[[], bool]) -> tuple[str, str, bytes]:
+    if method not in ("GET", "HEAD"):
+        return "405 Method Not Allowed", "text/plain", b"method not allowed\n"
     path = path.split("?", 1)[0]
     if path == "/metrics":
         return "200 OK", CONTENT_TYPE_LATEST, generate_latest()
     if path == "/healthz":
         return "200 OK", "text/plain", b"ok\n"
     if path == "/readyz":
-        ok = ready()
+        try:
+            ok = bool(ready())
+        except Exception as exc:  # a failing readiness check means "not ready", not no answer
+            log.warning("readiness check failed", error=f"{type(exc).__name__}: {exc}")
+            ok = False
         return ("200 OK" if ok else "503 Service Unavailable"), "text/plain", (
             b"ready\n" if ok else b"not ready\n")
     return "404 Not Found", "text/plain", b"not found\n"

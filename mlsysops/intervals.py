@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from mlsysops.errors import BadInput
@@ -27,6 +28,8 @@ def parse_duration(value: object, *, what: str = "duration", minimum: float = 0.
             f"{what}: {value!r} is not a duration like '500ms', '10s', '5m', '2h' or '1d'",
             path=what,
         )
+    if not math.isfinite(seconds):  # NaN and infinity (also "1e400"-sized strings)
+        raise BadInput(f"{what}: {value!r} is not a finite duration", path=what)
     if seconds < minimum:
         raise BadInput(f"{what}: {value!r} is shorter than the minimum of {minimum}s", path=what)
     return seconds

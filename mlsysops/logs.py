@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import structlog
@@ -52,20 +53,39 @@ class PluginLogger:
 
     @staticmethod
     def _format(msg: object, args: tuple[Any, ...]) -> str:
-        text = str(msg)
+        text = _safe(str, msg)
         if not args:
             return text
+        # As the stdlib does: a single mapping argument feeds "%(key)s" placeholders.
+        values: Any = args
+        if len(args) == 1 and isinstance(args[0], Mapping) and args[0]:
+            values = args[0]
         try:
-            return text % args
-        except (TypeError, ValueError, KeyError):
-            return " ".join([text, *(repr(a) for a in args)])
+            return text % values
+        except Exception:  # a bad format never fails the plugin
+            return " ".join([text, *(_safe(repr, a) for a in args)])
 
     def _emit(self, level: str, msg: object, args: tuple[Any, ...], kw: dict[str, Any]) -> None:
+        """Log like the stdlib does: whatever the arguments, never raise into the plugin."""
         exc_info = kw.pop("exc_info", None)
         kw.pop("stack_info", None)
         kw.pop("stacklevel", None)
-        extra = kw.pop("extra", None) or {}
-        getattr(self._log, level)(self._format(msg, args), exc_info=exc_info, **extra, **kw)
+        extra = kw.pop("extra", None)
+        fields = {**(extra if isinstance(extra, Mapping) else {}), **kw}
+        fields = {str(k): v for k, v in fields.items()}
+        if "event" in fields:  # structlog's own positional name for the message
+            fields["event_"] = fields.pop("event")
+        if exc_info:
+            fields["exc_info"] = exc_info
+        text = self._format(msg, args)
+        method = getattr(self._log, level)
+        try:
+            method(text, **fields)
+        except Exception:  # e.g. a field whose repr() raises
+            try:
+                method(text)
+            except Exception:
+                pass
 
     def debug(self, msg: object, *args: Any, **kw: Any) -> None:
         self._emit("debug", msg, args, kw)
@@ -87,3 +107,10 @@ class PluginLogger:
 
     def critical(self, msg: object, *args: Any, **kw: Any) -> None:
         self._emit("critical", msg, args, kw)
+
+
+def _safe(render: Callable[[object], str], value: object) -> str:
+    try:
+        return render(value)
+    except Exception:  # an object whose str()/repr() raises
+        return f"<{type(value).__name__} object (unprintable)>"

@@ -20,12 +20,16 @@ import nats.js.api as api
 
 from mlsysops import subjects, wire
 from mlsysops.bus import Bus
+from mlsysops.errors import BadInput
 from mlsysops.settings import Settings
 
 
 async def _connect(cfg: Settings) -> Bus:
     bus = Bus(cfg, "cli")
-    await bus.connect()
+    try:
+        await asyncio.wait_for(bus.connect(), 10)
+    except TimeoutError:
+        raise BadInput(f"cannot connect to NATS at {cfg.nats_url} within 10 s") from None
     return bus
 
 

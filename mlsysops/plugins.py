@@ -21,8 +21,7 @@ import re
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Mapping
-from concurrent.futures import Future
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -40,7 +39,7 @@ def plugin_name(path: Path) -> str | None:
     """``policy-foo.py`` and ``foo.py`` both name ``foo``; anything else is not a plugin."""
     if path.name.startswith(("_", ".")):
         return None
-    m = _NAME.match(path.name)
+    m = _NAME.fullmatch(path.name)  # fullmatch: "$" would also accept a trailing newline
     return m.group(1) if m else None
 
 
@@ -50,36 +49,129 @@ class PluginRunner:
     def __init__(self, name: str) -> None:
         self.name = name
         self._loop = asyncio.new_event_loop()
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"plugin-{name}", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
         try:
             self._loop.run_forever()
         finally:
+            self._closed = True
+            # Calls still running when the plugin is unloaded end now (as cancelled), so
+            # their callers get an error instead of waiting for their deadline.
+            pending = asyncio.all_tasks(self._loop)
+            for task in pending:
+                task.cancel()
+            if pending:
+                self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             self._loop.close()
 
-    async def call(self, fn: Callable[..., Any], *args: Any, timeout: float) -> Any:
-        """Call ``fn(*args)`` (sync or async) on the plugin thread, within ``timeout`` s."""
-        fut: Future[Any] = asyncio.run_coroutine_threadsafe(_invoke(fn, args), self._loop)
+    async def call(
+        self, fn: Callable[..., Any], *args: Any, timeout: float  # noqa: ASYNC109
+    ) -> Any:
+        """Call ``fn(*args)`` (sync or async) on the plugin thread, within ``timeout`` s.
+
+        Whatever the plugin raises (even ``TimeoutError``, ``SystemExit`` or
+        ``KeyboardInterrupt``) is raised here as an ``Exception``; only a call that really
+        overruns ``timeout`` gets the "exceeded its deadline" :class:`PluginError`.
+        """
+        label = getattr(fn, "__name__", "call")
+        caller = asyncio.get_running_loop()
+        outcome: asyncio.Future[Any] = caller.create_future()
+        started: list[asyncio.Task[Any]] = []
+
+        def settle(task: asyncio.Task[Any]) -> None:  # on the plugin thread
+            try:
+                caller.call_soon_threadsafe(_copy_outcome, outcome, task, self.name, label)
+            except RuntimeError:  # the caller's loop is gone: nobody is waiting
+                pass
+
+        def start() -> None:  # on the plugin thread
+            task = self._loop.create_task(_invoke(fn, args))
+            task.add_done_callback(settle)
+            started.append(task)
+
+        def abandon() -> None:  # on the plugin thread
+            for task in started:
+                task.cancel()
+
+        if self._closed:
+            raise PluginError(self.name, f"{label}() cannot run: the plugin was unloaded")
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
-        except TimeoutError:
-            fut.cancel()
+            self._loop.call_soon_threadsafe(start)
+        except RuntimeError:  # loop closed meanwhile
             raise PluginError(
-                self.name, f"{getattr(fn, '__name__', 'call')} exceeded its deadline of "
-                f"{timeout:g}s and was abandoned"
+                self.name, f"{label}() cannot run: the plugin was unloaded"
             ) from None
+        try:
+            done, _ = await asyncio.wait({outcome}, timeout=timeout)
+        except BaseException:  # the caller was cancelled: so is the call
+            outcome.cancel()
+            self._abandon(abandon)
+            raise
+        if not done:
+            outcome.cancel()
+            self._abandon(abandon)
+            raise PluginError(
+                self.name, f"{label} exceeded its deadline of {timeout:g}s and was abandoned"
+            )
+        return outcome.result()
+
+    def _abandon(self, abandon: Callable[[], None]) -> None:
+        try:
+            self._loop.call_soon_threadsafe(abandon)
+        except RuntimeError:  # loop already closed: nothing left to cancel
+            pass
 
     def stop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
+        try:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        except RuntimeError:  # already stopped and closed
+            pass
+
+
+class _Escaped(Exception):
+    """A ``BaseException`` (``SystemExit``, ``KeyboardInterrupt``...) raised by plugin code.
+
+    Carried as an ordinary exception so that it neither kills the plugin's thread nor
+    escapes into the service that called the plugin.
+    """
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(f"{type(original).__name__}: {original}")
+        self.original = original
 
 
 async def _invoke(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
-    result = fn(*args)
-    if inspect.isawaitable(result):
-        result = await result
-    return result
+    try:
+        result = fn(*args)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        raise
+    except BaseException as exc:
+        raise _Escaped(exc) from exc
+
+
+def _copy_outcome(
+    outcome: asyncio.Future[Any], task: asyncio.Task[Any], plugin: str, label: str
+) -> None:
+    """Hand a finished plugin task's result to the waiting caller (on the caller's loop)."""
+    if outcome.done():  # abandoned at its deadline or the caller was cancelled
+        return
+    if task.cancelled():
+        outcome.set_exception(
+            PluginError(plugin, f"{label}() was cancelled: the plugin was unloaded or cancelled it")
+        )
+    elif (exc := task.exception()) is not None:
+        outcome.set_exception(exc)
+    else:
+        outcome.set_result(task.result())
 
 
 @dataclass
@@ -103,7 +195,7 @@ class Plugin:
         fn = getattr(self.module, attr, None)
         return fn if callable(fn) else None
 
-    async def call(self, attr: str, *args: Any, timeout: float) -> Any:
+    async def call(self, attr: str, *args: Any, timeout: float) -> Any:  # noqa: ASYNC109
         fn = self.function(attr)
         if fn is None:
             raise PluginError(self.name, f"has no function {attr}()")
@@ -114,14 +206,18 @@ class Plugin:
         except PluginError:
             raise
         except Exception as exc:
+            original = exc.original if isinstance(exc, _Escaped) else exc
             raise PluginError(
-                self.name, f"{attr}() raised {type(exc).__name__}: {exc}",
+                self.name, f"{attr}() raised {type(original).__name__}: {original}",
                 traceback=traceback.format_exc(),
             ) from exc
 
     def close(self) -> None:
         if self.runner is not None:
             self.runner.stop()
+        # Drop the module so that every reload does not leave one behind in sys.modules.
+        if self.module is not None and sys.modules.get(self.module.__name__) is self.module:
+            del sys.modules[self.module.__name__]
 
 
 class PluginDirectory:
@@ -169,7 +265,11 @@ class PluginDirectory:
             return {}
         root = self.directory.resolve()
         found: dict[str, tuple[Path, str]] = {}
-        for path in sorted(self.directory.iterdir()):
+        # "policy-<name>.py" and "<name>.py" name the same plugin. By plain name order
+        # which one won depended on the name's case; now the prefixed file always wins.
+        paths = sorted(self.directory.iterdir(), key=lambda p: (p.name.startswith("policy-"),
+                                                                 p.name))
+        for path in paths:
             name = plugin_name(path)
             if name is None or not path.is_file():
                 continue
@@ -180,6 +280,10 @@ class PluginDirectory:
                 data = path.read_bytes()
             except OSError:
                 continue
+            if name in found:
+                log.error("two files name the same plugin; the first is ignored",
+                          kind=self.kind, plugin=name, ignored=found[name][0].name,
+                          used=path.name)
             found[name] = (path, hashlib.sha256(data).hexdigest()[:16])
         return found
 
@@ -190,7 +294,8 @@ class PluginDirectory:
             missing = [f for f in self.required if plugin.function(f) is None]
             if missing:
                 raise PluginError(name, f"does not define {', '.join(f + '()' for f in missing)}")
-        except Exception as exc:  # noqa: BLE001 - a broken plugin is reported, not fatal
+        except (Exception, SystemExit) as exc:  # a broken plugin is reported, not fatal
+            plugin.close()  # drops the module of a file missing a required function
             plugin.module = None
             plugin.error = exc.message if isinstance(exc, PluginError) else (
                 f"failed to load {path.name}: {type(exc).__name__}: {exc}")

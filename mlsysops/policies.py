@@ -10,8 +10,10 @@ plan hand back.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +52,8 @@ def policy_settings(name: str, context: Any) -> PolicySettings:
         raise PluginError(name, str(exc)) from None
     scope = context.get("scope", "application")
     if scope not in ("application", "global"):
-        raise PluginError(name, f"context key 'scope' must be 'application' or 'global', not {scope!r}")
+        raise PluginError(
+            name, f"context key 'scope' must be 'application' or 'global', not {scope!r}")
     mechanisms = context.get("mechanisms") or []
     if not isinstance(mechanisms, list) or not all(isinstance(m, str) for m in mechanisms):
         raise PluginError(name, "context key 'mechanisms' must be a list of mechanism names")
@@ -65,15 +68,40 @@ def policy_settings(name: str, context: Any) -> PolicySettings:
 
 
 def _check_packages(name: str, packages: Any) -> None:
-    if not isinstance(packages, list):
+    if not isinstance(packages, list) or not all(isinstance(p, str) for p in packages):
         raise PluginError(name, "context key 'packages' must be a list of package names")
     for package in packages:
-        module = str(package).split("==")[0].split(">=")[0].strip().replace("-", "_")
-        if not module or importlib.util.find_spec(module) is None:
+        if not _installed(package):
             raise PluginError(
                 name, f"needs package {package!r}, which is not installed (packages are never "
                 "installed at run time: add it to the image or virtualenv)"
             )
+
+
+# The project name at the start of a requirement ("PyYAML>=6", "requests[socks]", "a.b").
+_REQUIREMENT = re.compile(r"\s*([A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)")
+
+
+def _installed(requirement: str) -> bool:
+    """Whether ``requirement``'s package is installed (its version is not checked).
+
+    A package is named as pip names it, which is often not its module ("PyYAML" installs
+    ``yaml``, "nats-py" installs ``nats``): the installed distributions are asked first,
+    then, for a bare module name, the import system.
+    """
+    m = _REQUIREMENT.match(requirement)
+    if m is None:
+        return False
+    project = m.group(1)
+    try:
+        importlib.metadata.distribution(project)
+        return True
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        pass
+    try:  # find_spec("a.b") imports "a", and raises if it is missing
+        return importlib.util.find_spec(project.replace("-", "_")) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def check_context(name: str, context: Any, *, what: str) -> dict[str, Any]:
@@ -95,7 +123,8 @@ def check_plan(name: str, plan: Any) -> dict[str, Any]:
                                 f"{type(plan).__name__}")
     for key in plan:
         if not isinstance(key, str) or not key:
-            raise PluginError(name, f"plan() returned a mechanism name {key!r} that is not a string")
+            raise PluginError(
+                name, f"plan() returned a mechanism name {key!r} that is not a non-empty string")
     bad = _first_non_json(plan, "plan")
     if bad:
         raise PluginError(name, f"plan() returned a plan that is not plain data: {bad}")

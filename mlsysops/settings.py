@@ -40,20 +40,24 @@ class Settings:
     log_format: str = _opt("console", "log format: console or json")  # type: ignore[assignment]
     log_level: str = _opt("info", "log level: debug, info, warning, error")  # type: ignore[assignment]
     ml_connector_url: str = _opt("", "ML connector endpoint handed to policies (empty: None)")  # type: ignore[assignment]
-    exec_timeout: float = _opt(30.0, "how long a scheduled execution holds its mechanism", kind="duration")  # type: ignore[assignment]
+    exec_timeout: float = _opt(  # type: ignore[assignment]
+        30.0, "how long a scheduled execution holds its mechanism", kind="duration")
     call_timeout: float = _opt(10.0, "deadline of one policy or mechanism call", kind="duration")  # type: ignore[assignment]
     apply_timeout: float = _opt(25.0, "deadline of one mechanism apply", kind="duration")  # type: ignore[assignment]
     quarantine_after: int = _opt(5, "consecutive failures after which a policy is quarantined")  # type: ignore[assignment]
-    telemetry_interval: float = _opt(5.0, "default telemetry period when no policy asks", kind="duration")  # type: ignore[assignment]
+    telemetry_interval: float = _opt(  # type: ignore[assignment]
+        5.0, "default telemetry period when no policy asks", kind="duration")
     telemetry_retention: float = _opt(3600.0, "how long telemetry history is kept", kind="duration")  # type: ignore[assignment]
     telemetry_history: int = _opt(60, "snapshots of history handed to policies")  # type: ignore[assignment]
     prometheus_url: str = _opt("", "Prometheus URL (empty: built-in host source)")  # type: ignore[assignment]
     status_interval: float = _opt(10.0, "period of mechanism get_status", kind="duration")  # type: ignore[assignment]
-    dedup_window: float = _opt(600.0, "JetStream duplicate window of the loop streams", kind="duration")  # type: ignore[assignment]
+    dedup_window: float = _opt(  # type: ignore[assignment]
+        600.0, "JetStream duplicate window of the loop streams", kind="duration")
     max_payload: int = _opt(1_048_576, "largest description accepted, in bytes")  # type: ignore[assignment]
     storage: str = _opt("file", "JetStream storage of streams: file or memory")  # type: ignore[assignment]
     instance: str = _opt("", "instance name of this replica (default: host-pid)")  # type: ignore[assignment]
-    kube_api_url: str = _opt("", "Kubernetes API URL for mechanisms (empty: in-cluster, else kubeconfig)")  # type: ignore[assignment]
+    kube_api_url: str = _opt(  # type: ignore[assignment]
+        "", "Kubernetes API URL for mechanisms (empty: in-cluster, else kubeconfig)")
     # NATS authentication and TLS
     nats_user: str = _opt("", "NATS user")  # type: ignore[assignment]
     nats_password: str = _opt("", "NATS password", secret=True)  # type: ignore[assignment]
@@ -92,11 +96,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         )
 
 
+def source(name: str) -> str:
+    """How a user sets ``name``: its flag and its environment variable."""
+    return f"{flag_name(name)} / {env_name(name)}"
+
+
 def _convert(name: str, raw: str, default: object, kind: str) -> object:
-    source = f"{flag_name(name)} / {env_name(name)}"
     try:
         if kind == "duration":
-            return parse_duration(raw) if not _is_number(raw) else float(raw)
+            # A bare number is seconds, but goes through the same checks as "10s": no
+            # negative, NaN or infinite durations, and no zero (a hot loop or no deadline).
+            seconds = parse_duration(float(raw) if _is_number(raw) else raw, what=name)
+            if seconds <= 0:
+                raise BadInput(f"{raw!r} must be longer than zero", path=name)
+            return seconds
         if isinstance(default, bool):
             return raw.lower() in ("1", "true", "yes", "on")
         if isinstance(default, int):
@@ -104,7 +117,7 @@ def _convert(name: str, raw: str, default: object, kind: str) -> object:
         if isinstance(default, float):
             return float(raw)
     except (ValueError, BadInput) as exc:
-        raise BadInput(f"{source}: {raw!r} is not a valid value: {exc}", path=name) from None
+        raise BadInput(f"{source(name)}: {raw!r} is not a valid value: {exc}", path=name) from None
     return raw
 
 
@@ -123,26 +136,47 @@ def load(
     env = os.environ if env is None else env
     values: dict[str, object] = {}
     for f in fields(Settings):
-        raw = getattr(args, f.name, None) if args is not None else None
-        if raw is None:
-            raw = env.get(env_name(f.name))
-        if raw is None or raw == "" and f.default != "":
-            continue
-        values[f.name] = _convert(f.name, str(raw), f.default, f.metadata["kind"])
+        # An unset or empty flag falls through to the environment, then to the default
+        # (empty counts as unset unless the default itself is empty).
+        for raw in (getattr(args, f.name, None) if args is not None else None,
+                    env.get(env_name(f.name))):
+            if raw is None or (raw == "" and f.default != ""):
+                continue
+            values[f.name] = _convert(f.name, str(raw), f.default, f.metadata["kind"])
+            break
     settings = Settings(**values)  # type: ignore[arg-type]
     _check(settings)
     return settings
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+# Smallest and largest accepted value of the integer settings.
+INT_RANGES = {"http_port": (-1, 65535), "quarantine_after": (1, None),
+              "telemetry_history": (0, None), "max_payload": (1, None)}
+
+
 def _check(s: Settings) -> None:
+    def bad(name: str, message: str) -> BadInput:
+        return BadInput(f"{source(name)} {message}", path=name)
+
     if s.log_format not in ("console", "json"):
-        raise BadInput(f"--log-format must be console or json, not {s.log_format!r}", path="log_format")
+        raise bad("log_format", f"must be console or json, not {s.log_format!r}")
+    if s.log_level.lower() not in LOG_LEVELS:
+        raise bad("log_level", f"must be one of {', '.join(LOG_LEVELS)}, not {s.log_level!r}")
     if s.storage not in ("file", "memory"):
-        raise BadInput(f"--storage must be file or memory, not {s.storage!r}", path="storage")
+        raise bad("storage", f"must be file or memory, not {s.storage!r}")
+    for name, (low, high) in INT_RANGES.items():
+        value = getattr(s, name)
+        if value < low or (high is not None and value > high):
+            span = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise bad(name, f"must be {span}, not {value}")
     from mlsysops.subjects import check_token
 
     for token in s.prefix.split("."):
-        check_token("subject prefix", token)
+        try:
+            check_token("subject prefix", token)
+        except BadInput as exc:
+            raise bad("prefix", f"{s.prefix!r} is not valid: {exc.message}") from None
 
 
 def parse(argv: Sequence[str] | None, description: str) -> Settings:

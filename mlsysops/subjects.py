@@ -22,7 +22,8 @@ _TOKEN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,127}$")
 
 def check_token(kind: str, name: object) -> str:
     """Return ``name`` if it is a valid single subject token, else raise :class:`BadInput`."""
-    if not isinstance(name, str) or not _TOKEN.match(name):
+    # fullmatch: with match, "$" also accepts a trailing newline ("app\n").
+    if not isinstance(name, str) or not _TOKEN.fullmatch(name):
         raise BadInput(
             f"{kind} name {name!r} is not a valid subject token: use 1-128 characters from "
             "letters, digits, '_' and '-', not starting with '-'",

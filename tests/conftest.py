@@ -150,9 +150,9 @@ class ProcessLoop:
 
     def start(self, *services: str) -> None:
         for name in services or ("monitor", "analyzer", "planner", "scheduler", "executor"):
-            log = open(self.logdir / f"{name}.log", "ab")  # noqa: SIM115 - closed with the proc
-            self.procs[name] = subprocess.Popen([sys.executable, "-m", f"services.{name}"],
-                                                env=self.env(name), stdout=log, stderr=log)
+            with open(self.logdir / f"{name}.log", "ab") as log:  # the child keeps its own fd
+                self.procs[name] = subprocess.Popen([sys.executable, "-m", f"services.{name}"],
+                                                    env=self.env(name), stdout=log, stderr=log)
 
     def kill(self, name: str) -> None:
         proc = self.procs.pop(name)

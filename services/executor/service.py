@@ -116,7 +116,8 @@ class Executor:
         try:
             if plugin is None:
                 raise PluginError(request.mechanism, "mechanism is not loaded by this executor")
-            await plugin.call("apply", request.command, timeout=self.bus.settings.apply_timeout)
+            await plugin.call("apply", _with_plan_id(request),
+                              timeout=self.bus.settings.apply_timeout)
         except PluginError as exc:
             error = exc.message
             await self.bus.report(wire.ErrorEvent(kind="mechanism", name=request.mechanism,
@@ -175,6 +176,13 @@ class Executor:
             await self.bus.nc.publish(self.bus.subjects.status(name), data)  # type: ignore[union-attr]
         except Exception as exc:  # noqa: BLE001 - retried next period
             log.debug("could not publish mechanism status", error=str(exc))
+
+
+def _with_plan_id(request: wire.ExecRequest) -> Any:
+    """The command as the mechanism sees it: a dict command also carries ``_plan_id``."""
+    if isinstance(request.command, dict):
+        return {**request.command, "_plan_id": request.plan_id}
+    return request.command
 
 
 async def _keep_alive(msg: Msg, every: float = 5.0) -> None:

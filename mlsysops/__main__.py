@@ -1,0 +1,5 @@
+"""``python -m mlsysops`` is the ``mlsysops`` command."""
+
+from mlsysops.cli import main
+
+main()
