@@ -83,8 +83,15 @@ class PluginRunner:
         started: list[asyncio.Task[Any]] = []
 
         def settle(task: asyncio.Task[Any]) -> None:  # on the plugin thread
+            if task.cancelled():
+                error: BaseException | None = PluginError(
+                    self.name, f"{label}() was cancelled: the plugin was unloaded or cancelled it")
+                result = None
+            else:
+                error = task.exception()  # read even if nobody waits any more
+                result = None if error is not None else task.result()
             try:
-                caller.call_soon_threadsafe(_copy_outcome, outcome, task, self.name, label)
+                caller.call_soon_threadsafe(_settle, outcome, result, error)
             except RuntimeError:  # the caller's loop is gone: nobody is waiting
                 pass
 
@@ -158,20 +165,14 @@ async def _invoke(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
         raise _Escaped(exc) from exc
 
 
-def _copy_outcome(
-    outcome: asyncio.Future[Any], task: asyncio.Task[Any], plugin: str, label: str
-) -> None:
-    """Hand a finished plugin task's result to the waiting caller (on the caller's loop)."""
-    if outcome.done():  # abandoned at its deadline or the caller was cancelled
+def _settle(outcome: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    """Hand a finished plugin call's outcome to its caller (on the caller's loop)."""
+    if outcome.done():  # abandoned at its deadline, or the caller was cancelled
         return
-    if task.cancelled():
-        outcome.set_exception(
-            PluginError(plugin, f"{label}() was cancelled: the plugin was unloaded or cancelled it")
-        )
-    elif (exc := task.exception()) is not None:
-        outcome.set_exception(exc)
+    if error is not None:
+        outcome.set_exception(error)
     else:
-        outcome.set_result(task.result())
+        outcome.set_result(result)
 
 
 @dataclass
