@@ -72,6 +72,7 @@ class Bus:
         self._js: JetStreamContext | None = None
         self._kv: dict[str, KeyValue] = {}
         self.connected = asyncio.Event()
+        self._closing = False
 
     @property
     def js(self) -> JetStreamContext:
@@ -102,6 +103,7 @@ class Bus:
         log.info("connected", servers=opts["servers"], instance=self.instance)
 
     async def close(self) -> None:
+        self._closing = True
         if self.nc is not None and not self.nc.is_closed:
             try:
                 await asyncio.wait_for(self.nc.flush(), 2)
@@ -114,7 +116,8 @@ class Bus:
 
     async def _on_disconnect(self) -> None:
         self.connected.clear()
-        log.warning("disconnected from nats")
+        if not self._closing:
+            log.warning("disconnected from nats")
 
     async def _on_reconnect(self) -> None:
         self.connected.set()
@@ -182,12 +185,15 @@ class Bus:
         headers = {"Nats-Msg-Id": msg_id} if msg_id else None
         return await self.js.publish(subject, wire.encode(obj), headers=headers)
 
-    async def report(self, event: wire.ErrorEvent) -> None:
-        """Publish an error event on ``error.<kind>.<name>`` and log it; never raises."""
+    async def report(self, event: wire.ErrorEvent, *, subject_name: bool = True) -> None:
+        """Publish an error event on ``error.<kind>.<name>`` and log it; never raises.
+
+        With ``subject_name=False`` the subject is ``error.<kind>`` (descriptions).
+        """
         if not event.at:
             event.at = wire.now()
         log.error("reported", kind=event.kind, name=event.name, app=event.app, error=event.message)
-        tokens = [event.kind, event.name] if event.name else [event.kind]
+        tokens = [event.kind, event.name] if event.name and subject_name else [event.kind]
         try:
             await self.publish(self.subjects.error(*tokens), event)
         except Exception as exc:  # noqa: BLE001 - reporting must not fail the caller

@@ -56,9 +56,10 @@ class PluginLogger:
         text = _safe(str, msg)
         if not args:
             return text
-        # As the stdlib does: a single mapping argument feeds "%(key)s" placeholders.
+        # As the stdlib does, a single mapping argument feeds "%(key)s" placeholders (but
+        # only when there are some: "text " % {...} would silently drop the argument).
         values: Any = args
-        if len(args) == 1 and isinstance(args[0], Mapping) and args[0]:
+        if len(args) == 1 and isinstance(args[0], Mapping) and args[0] and "%(" in text:
             values = args[0]
         try:
             return text % values

@@ -52,9 +52,9 @@ async def _bucket(bus: Bus, role: str) -> dict[str, bytes]:
 
 # ---------------------------------------------------------------- status
 async def collect_status(bus: Bus) -> dict[str, Any]:
-    desc, ctx, status, sched, leases = await asyncio.gather(*(_bucket(bus, r) for r in (
+    desc, ctx, status, sched, leases, ledger = await asyncio.gather(*(_bucket(bus, r) for r in (
         subjects.BUCKET_DESC, subjects.BUCKET_CONTEXT, subjects.BUCKET_STATUS,
-        subjects.BUCKET_SCHED, subjects.BUCKET_LEASES)))
+        subjects.BUCKET_SCHED, subjects.BUCKET_LEASES, subjects.BUCKET_LEDGER)))
     out: dict[str, Any] = {"apps": [], "clusters": [], "nodes": [], "policies": {},
                            "pairs": [], "mechanisms": {}, "claims": [], "services": [],
                            "telemetry": None, "leader": None}
@@ -73,8 +73,10 @@ async def collect_status(bus: Bus) -> dict[str, Any]:
     for key, raw in sorted(sched.items()):
         if key.startswith("claim."):
             claim = wire.CLAIM.decode(raw)
+            done = ledger.get(f"{claim.plan_id}.{claim.mechanism}")
+            finished = done is not None and wire.LEDGER.decode(done).state != "started"
             out["claims"].append({**msgspec.to_builtins(claim),
-                                  "expired": claim.expires_at < now})
+                                  "held": not finished and claim.expires_at >= now})
     for key, raw in sorted(leases.items()):
         if key.startswith("svc."):
             out["services"].append(msgspec.to_builtins(wire.HEARTBEAT.decode(raw)))
@@ -129,7 +131,7 @@ def render_status(d: dict[str, Any]) -> str:
         lines.append(f"  {name:<24} state={json.dumps(m['state'])[:100]}{err}")
     lines.append("claims:")
     for c in d["claims"]:
-        if not c["expired"]:
+        if c["held"]:
             lines.append(f"  {c['mechanism']}[{c['conflict_key'] or '*'}] held by {c['plan_id']}")
     if d["telemetry"]:
         t = d["telemetry"]

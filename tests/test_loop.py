@@ -35,3 +35,32 @@ async def test_description_to_apply_once(loop_, cfg, plugin_dirs) -> None:
     assert plan["subject"] == "mlsysops.plan.shop.once"
     assert set(plan) >= {"plan_id", "app", "policy", "created_at", "commands"}
     assert Path(log).exists()
+
+
+async def test_seed_static_placement_plans_exactly_once_across_restarts(
+        loop_, cfg, plugin_dirs) -> None:
+    """The shipped static placement policy, run unchanged: one plan, even across restarts."""
+    import asyncio
+    import shutil
+
+    policies, mechanisms = plugin_dirs
+    shutil.copy(Path(__file__).parent.parent / "plugins/policies/policy-staticPlacement.py",
+                policies)
+    text = (policies / "policy-staticPlacement.py").read_text()
+    assert "def initialize" not in text  # runs with the default (empty) context
+    log = kit.recorder(mechanisms, name="fluidity")
+    loop_.start()
+    url = cfg.nats_url
+    assert (await kit.publish_desc(url, "cluster", "c1", kit.cluster_doc()))["accepted"]
+    assert (await kit.publish_desc(url, "app", "pinned", kit.app_doc("pinned", node="node-a")))[
+        "accepted"]
+    await kit.wait_for(lambda: kit.applied(log), what="the placement")
+    await loop_.stop("analyzer", "planner")
+    loop_.start("analyzer", "planner")
+    await asyncio.sleep(12)  # longer than the default analyze interval (10 s)
+    records = kit.applied(log)
+    assert len(records) == 1
+    command = records[0]["command"]
+    assert command["name"] == "pinned"
+    assert command["deployment_plan"] == {"c0": [{"action": "deploy", "host": "node-a"}],
+                                          "initial_plan": True}

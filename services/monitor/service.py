@@ -14,6 +14,7 @@ kept in JetStream for the configured retention.
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any
 
 import msgspec
@@ -75,15 +76,17 @@ class Monitor:
             reply = await self._store(kind, name, msg.data)
         if not reply.accepted:
             await self.bus.report(wire.ErrorEvent(
-                kind="desc", name=kind, message=f"{kind} {name!r} rejected: " + "; ".join(
+                kind="desc", name=name, message=f"{kind} {name!r} rejected: " + "; ".join(
                     f"{e.path}: {e.message}" for e in reply.errors),
-                details={"reply": msgspec.to_builtins(reply)}))
+                details={"reply": msgspec.to_builtins(reply)}), subject_name=False)
         if msg.reply:
             await msg.respond(wire.encode(reply))
 
     async def _store(self, kind: str, name: str, payload: bytes) -> wire.DescReply:
-        result = descriptions.validate_payload(kind, name, payload,
-                                               max_bytes=self.bus.settings.max_payload)
+        validate = functools.partial(descriptions.validate_payload, kind, name, payload,
+                                     max_bytes=self.bus.settings.max_payload)
+        # large documents are validated off the event loop so the intake stays responsive
+        result = await asyncio.to_thread(validate) if len(payload) > 65536 else validate()
         reply = wire.DescReply(accepted=result.accepted, kind=kind, name=result.name or name,
                                errors=list(result.errors), warnings=list(result.warnings),
                                deleted=result.deleted)

@@ -1,0 +1,214 @@
+"""The whole loop against a Kubernetes API: descriptions in, Deployments and Services out.
+
+The five services run in the test's event loop (``loop_``) on a real nats-server; the
+shipped Fluidity mechanism talks through the official ``kubernetes`` client to kmock's
+``KubernetesEmulator`` served over HTTP. The shipped example policies are copied into the
+test's plugin directories, with their timing values (analysis interval, moving interval,
+grace period) shortened in the copies, so that minutes of demo become seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import kmock
+import kubernetes_validate
+import nats
+import pytest
+import yaml
+
+from mlsysops import wire
+from tests import loopkit as kit
+from tests.requirements import need_upstream
+
+ROOT = Path(__file__).resolve().parent.parent
+POLICIES = ROOT / "plugins" / "policies"
+FLUIDITY = ROOT / "plugins" / "mechanisms" / "fluidity.py"
+EXAMPLES = ROOT / "examples"
+NS = "apps"
+
+pytestmark = pytest.mark.timeout(60)
+
+# Timing values of the shipped policies and what the copies use instead.
+FAST = {
+    "relocateComponents": {'"analyze_interval": "10s"': '"analyze_interval": "200ms"',
+                           '"moving_interval": "30s"': '"moving_interval": "1.5s"'},
+    "changeCompSpec": {'"analyze_interval": "30s"': '"analyze_interval": "200ms"',
+                       '"change_interval": "30s"': '"change_interval": "1s"'},
+    "appCleanup": {'"analyze_interval": "30s"': '"analyze_interval": "300ms"',
+                   '"grace_period": "60s"': '"grace_period": "1.5s"'},
+    "staticPlacement": {},
+}
+
+
+def install(plugin_dirs: tuple[Path, Path], *policies: str) -> None:
+    """Copy Fluidity and the named shipped policies (timings shortened) into the test dirs."""
+    policy_dir, mechanism_dir = plugin_dirs
+    shutil.copy(FLUIDITY, mechanism_dir / FLUIDITY.name)
+    for name in policies:
+        text = (POLICIES / f"policy-{name}.py").read_text()
+        for old, new in FAST[name].items():
+            assert text.count(old) == 1, f"policy-{name}.py no longer contains {old}"
+            text = text.replace(old, new)
+        (policy_dir / f"policy-{name}.py").write_text(text)
+
+
+def example(file: str) -> bytes:
+    return (EXAMPLES / file).read_bytes()
+
+
+# --------------------------------------------------------------------------- emulator
+@pytest.fixture
+async def emu(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Any]:
+    """kmock's Kubernetes emulator over HTTP; Fluidity (in the executor) is pointed at it."""
+    emulator = kmock.KubernetesEmulator()
+    emulator.resources["apps/v1/deployments"] = {}
+    emulator.resources["v1/services"] = {}
+    async with emulator, kmock.Server(emulator) as server:
+        monkeypatch.setenv("MLSYSOPS_KUBE_API_URL", str(server.url))
+        monkeypatch.setenv("MLSYSOPS_FLUIDITY_NAMESPACE", NS)
+        yield emulator
+
+
+def objects(emu: Any, plural: str) -> dict[str, dict[str, Any]]:
+    return {name: obj.raw for (res, ns, name), obj in list(emu.objects.items())
+            if res.plural == plural and ns == NS and not obj.deleted}
+
+
+def deployments(emu: Any) -> dict[str, dict[str, Any]]:
+    return objects(emu, "deployments")
+
+
+def services(emu: Any) -> dict[str, dict[str, Any]]:
+    return objects(emu, "services")
+
+
+def placement(emu: Any) -> dict[str, list[str]]:
+    """component -> sorted hosts of its live Deployments."""
+    out: dict[str, list[str]] = {}
+    for dep in deployments(emu).values():
+        notes = dep["metadata"]["annotations"]
+        out.setdefault(notes["mlsysops.eu/component"], []).append(notes["mlsysops.eu/host"])
+    return {comp: sorted(hosts) for comp, hosts in sorted(out.items())}
+
+
+def writes(emu: Any) -> list[tuple[str, str]]:
+    """(method, object name) of every changing request the API received, in order."""
+    out = []
+    for request in list(emu):
+        method = request.method.value
+        if method in ("POST", "PUT", "PATCH", "DELETE"):
+            name = request.name or (request.data or {}).get("metadata", {}).get("name")
+            out.append((method, name))
+    return out
+
+
+def validate_all(emu: Any) -> None:
+    for obj in [*deployments(emu).values(), *services(emu).values()]:
+        kubernetes_validate.validate(obj, "1.30", strict=True)
+
+
+# --------------------------------------------------------------------------- loop helpers
+async def publish_ok(url: str, kind: str, name: str, payload: bytes) -> dict[str, Any]:
+    reply = await kit.publish_desc(url, kind, name, payload)
+    assert reply["accepted"], reply
+    return reply
+
+
+async def publish_examples(url: str) -> None:
+    await publish_ok(url, "cluster", "demo-cluster", example("cluster.yaml"))
+    await publish_ok(url, "node", "node-a", example("node-a.yaml"))
+    await publish_ok(url, "node", "node-b", example("node-b.yaml"))
+    await publish_ok(url, "app", "demo-app", example("app.yaml"))
+
+
+def of(events: list[dict[str, Any]], prefix: str) -> list[dict[str, Any]]:
+    return [e for e in list(events) if e["subject"].startswith(prefix)]
+
+
+def results(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return of(events, "mlsysops.result.fluidity")
+
+
+def track(emu: Any, component: str, into: list[tuple[str, ...]]) -> asyncio.Task[None]:
+    """Record every distinct set of hosts ``component`` runs on, as it changes."""
+
+    async def watch() -> None:
+        while True:
+            hosts = tuple(placement(emu).get(component, []))
+            if not into or into[-1] != hosts:
+                into.append(hosts)
+            await asyncio.sleep(0.02)
+
+    return asyncio.ensure_future(watch())
+
+
+# The project's example application (examples/app.yaml): "web" is pinned to node-a and has
+# a port (so it gets a Service); "load" names no node (the relocation policy places it).
+WEB, LOAD = "demo-app-web-node-a", "demo-app-load"
+
+
+# --------------------------------------------------------------------------- deploy + move
+@pytest.mark.slow
+async def test_examples_are_deployed_then_relocated_back_and_forth(
+        emu, plugin_dirs, cfg, loop_) -> None:
+    install(plugin_dirs, "staticPlacement", "relocateComponents")
+    loop_.start()
+    events: list[dict[str, Any]] = []
+    nc = await kit.collect(cfg.nats_url, events)
+    hosts: list[tuple[str, ...]] = []
+    watcher = track(emu, "load", hosts)
+    try:
+        await publish_examples(cfg.nats_url)
+
+        # The initial deployment: web on its node (static placement), load on the first
+        # node of the cluster (relocation's first plan), one Service for web's port.
+        await kit.wait_for(lambda: placement(emu) == {"load": ["node-a"], "web": ["node-a"]},
+                           what=f"initial placement (now {placement(emu)})")
+        assert set(deployments(emu)) == {WEB, f"{LOAD}-node-a"}
+        assert list(services(emu)) == ["demo-app-web"]
+
+        # Then relocation: node-b, back to node-a, node-b again.
+        await kit.wait_for(lambda: len([h for h in hosts if h]) >= 4, timeout=30,
+                           what=f"three moves (seen {hosts})")
+    finally:
+        watcher.cancel()
+        await nc.close()
+
+    # Each move starts the new instance before it stops the old one: at every moment the
+    # component runs on one node or (briefly) on both, never on none.
+    assert hosts[0] == () and () not in hosts[1:], hosts
+    settled = [h[0] for h in hosts[1:] if len(h) == 1]
+    assert settled[:4] == ["node-a", "node-b", "node-a", "node-b"], hosts
+
+    web = deployments(emu)[WEB]
+    pod = web["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"kubernetes.io/hostname": "node-a"}
+    (container,) = pod["containers"]
+    assert container["image"] == "docker.io/library/python:3.12-slim"
+    assert container["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+    assert container["resources"] == {"requests": {"cpu": "100m", "memory": "64Mi"},
+                                      "limits": {"cpu": "500m", "memory": "128Mi"}}
+    service = services(emu)["demo-app-web"]
+    assert service["spec"]["selector"] == {"mlsysops.eu/app": "demo-app",
+                                           "mlsysops.eu/component": "web"}
+    assert [p["port"] for p in service["spec"]["ports"]] == [8080]
+    validate_all(emu)
+
+    # The pinned component was created once and never touched again by the moves.
+    assert [m for m, n in writes(emu) if n == WEB] == ["POST"]
+    assert [m for m, n in writes(emu) if n == "demo-app-web"] == ["POST"]
+    # Every Kubernetes object names the plan that made it.
+    plans = {e["plan_id"]: e for e in of(events, "mlsysops.plan.demo-app.")}
+    assert web["metadata"]["labels"]["mlsysops.eu/plan-id"] in plans
+    assert plans[web["metadata"]["labels"]["mlsysops.eu/plan-id"]]["policy"] == "staticPlacement"
+    # Everything the loop executed succeeded.
+    assert results(events) and all(r["outcome"] == "applied" for r in results(events)), \
+        [r for r in results(events) if r["outcome"] != "applied"]
