@@ -107,7 +107,7 @@ class Bus:
         if self.nc is not None and not self.nc.is_closed:
             try:
                 await asyncio.wait_for(self.nc.flush(), 2)
-            except Exception:  # noqa: BLE001 - closing anyway
+            except Exception:
                 pass
             await self.nc.close()
 
@@ -196,7 +196,7 @@ class Bus:
         tokens = [event.kind, event.name] if event.name and subject_name else [event.kind]
         try:
             await self.publish(self.subjects.error(*tokens), event)
-        except Exception as exc:  # noqa: BLE001 - reporting must not fail the caller
+        except Exception as exc:
             log.warning("could not publish error event", error=str(exc))
 
     async def put_with_ttl(
@@ -272,7 +272,7 @@ class KVCache(Generic[T]):
                 await self._watch()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - reconnect and watch again
+            except Exception as exc:
                 log.warning("kv watch restarting", bucket=self._role, error=str(exc))
                 await asyncio.sleep(0.5)
 
@@ -280,7 +280,7 @@ class KVCache(Generic[T]):
         watcher = await self._bus.kv(self._role).watch(self._pattern)
         try:
             while True:
-                entry = await watcher.updates(timeout=None)  # type: ignore[arg-type]
+                entry = await watcher.updates(timeout=None)
                 if entry is None:
                     self.ready.set()
                     continue
@@ -296,7 +296,7 @@ class KVCache(Generic[T]):
         else:
             try:
                 value = self._decode(entry.value)
-            except Exception as exc:  # noqa: BLE001 - a bad record must not stop the watch
+            except Exception as exc:
                 log.warning("undecodable kv entry", bucket=self._role, key=key, error=str(exc))
                 return
             current = self._items.get(key)

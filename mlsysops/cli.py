@@ -145,7 +145,7 @@ async def publish(cfg: settings_mod.Settings, kind: str, name: str, data: bytes,
 
     try:
         nc = await asyncio.wait_for(nats.connect(**opts, error_cb=quiet), 5)
-    except (Exception, TimeoutError) as exc:  # noqa: BLE001 - any connection failure ends here
+    except (Exception, TimeoutError) as exc:
         print(f"mlsysops: cannot connect to NATS at {cfg.nats_url}: "
               f"{exc or 'no answer within 5 s'}", file=sys.stderr)
         return 4

@@ -61,7 +61,7 @@ async def _loop(bus: Bus, durable: str, stream: str, config: api.ConsumerConfig,
             continue
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # noqa: BLE001 - broker away: retry
+        except Exception as exc:
             log.warning("fetch failed; retrying", consumer=durable, error=repr(exc))
             sub = None
             await asyncio.sleep(0.5)
@@ -79,7 +79,7 @@ async def _run(service: str, kind: str, handler: Callable[[Msg], Awaitable[None]
     try:
         await handler(msg)
         http.MESSAGES.labels(service, kind).inc()
-    except Exception as exc:  # noqa: BLE001 - leave for redelivery
+    except Exception as exc:
         http.ERRORS.labels(service, kind).inc()
         log.error("handler failed; message left for redelivery", kind=kind, error=repr(exc),
                   exc_info=exc)

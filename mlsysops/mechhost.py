@@ -53,7 +53,7 @@ class MechanismHost:
         key = f"plugin.{self.bus.service}.mechanism.{name}"
         try:
             await self.bus.kv(subjects.BUCKET_STATUS).put(key, wire.encode(status))
-        except Exception as exc:  # noqa: BLE001 - status is best effort
+        except Exception as exc:
             log.warning("could not store plugin status", error=str(exc))
         if plugin is not None and plugin.error:
             await self.bus.report(wire.ErrorEvent(kind="mechanism", name=name,

@@ -38,12 +38,12 @@ async def _bucket(bus: Bus, role: str) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
     try:
         keys = await kv.keys()
-    except Exception:  # noqa: BLE001 - empty bucket
+    except Exception:
         return out
     for key in keys:
         try:
             entry = await kv.get(key)
-        except Exception:  # noqa: BLE001 - deleted meanwhile
+        except Exception:
             continue
         if entry.value:
             out[key] = entry.value

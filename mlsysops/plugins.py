@@ -69,7 +69,7 @@ class PluginRunner:
             self._loop.close()
 
     async def call(
-        self, fn: Callable[..., Any], *args: Any, timeout: float  # noqa: ASYNC109
+        self, fn: Callable[..., Any], *args: Any, timeout: float
     ) -> Any:
         """Call ``fn(*args)`` (sync or async) on the plugin thread, within ``timeout`` s.
 
@@ -196,7 +196,7 @@ class Plugin:
         fn = getattr(self.module, attr, None)
         return fn if callable(fn) else None
 
-    async def call(self, attr: str, *args: Any, timeout: float) -> Any:  # noqa: ASYNC109
+    async def call(self, attr: str, *args: Any, timeout: float) -> Any:
         fn = self.function(attr)
         if fn is None:
             raise PluginError(self.name, f"has no function {attr}()")

@@ -101,7 +101,7 @@ class PolicyHost:
         key = f"plugin.{self.bus.service}.policy.{status.name}"
         try:
             await self.bus.kv(subjects.BUCKET_STATUS).put(key, wire.encode(status))
-        except Exception as exc:  # noqa: BLE001 - status is best effort
+        except Exception as exc:
             log.warning("could not store plugin status", error=str(exc))
 
     # ------------------------------------------------------------- failures

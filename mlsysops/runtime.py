@@ -99,6 +99,6 @@ async def heartbeat(bus: Bus, service: Service) -> None:
                                      role=service.role())
         try:
             await bus.put_with_ttl(subjects.BUCKET_LEASES, key, wire.encode(beat), HEARTBEAT_TTL)
-        except Exception as exc:  # noqa: BLE001 - the heartbeat retries on its own
+        except Exception as exc:
             logs.get(bus.service).debug("heartbeat failed", error=str(exc))
         await asyncio.sleep(HEARTBEAT_EVERY)

@@ -93,7 +93,7 @@ class StateView:
         async for msg in sub.messages:
             try:
                 snap = wire.TELEMETRY.decode(msg.data)
-            except Exception as exc:  # noqa: BLE001 - ignore garbage, keep following
+            except Exception as exc:
                 log.warning("undecodable telemetry", error=str(exc))
                 continue
             self.snapshots.append(snap)
@@ -105,14 +105,14 @@ class StateView:
         stream = self.bus.subjects.stream("telemetry")
         try:
             info = await self.bus.js.stream_info(stream)
-        except Exception:  # noqa: BLE001 - no history yet
+        except Exception:
             return
         last, first = info.state.last_seq, info.state.first_seq
         for seq in range(max(first, last - self.snapshots.maxlen + 1), last + 1):  # type: ignore[operator]
             try:
                 raw = await self.bus.js.get_msg(stream, seq)
                 self.snapshots.append(wire.TELEMETRY.decode(raw.data or b""))
-            except Exception:  # noqa: BLE001 - a gap in the stream is fine
+            except Exception:
                 continue
 
     def telemetry(self) -> dict[str, Any]:

@@ -267,7 +267,7 @@ class Codec(Generic[T]):
         return self._dec.decode(data)
 
 
-EVENT = Codec(Event)  # type: ignore[arg-type]
+EVENT: Codec[Event] = Codec(Event)  # type: ignore[arg-type]
 TELEMETRY = Codec(Telemetry)
 VERDICT = Codec(Verdict)
 PLAN = Codec(Plan)

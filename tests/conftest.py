@@ -47,7 +47,7 @@ class NatsServer:
     def start(self) -> None:
         try:
             binary = nats_server_binary()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             missing(str(exc))
         self.proc = subprocess.Popen(
             [binary, "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.store),

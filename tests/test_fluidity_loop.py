@@ -10,23 +10,16 @@ grace period) shortened in the copies, so that minutes of demo become seconds.
 from __future__ import annotations
 
 import asyncio
-import json
-import re
 import shutil
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import kmock
 import kubernetes_validate
-import nats
 import pytest
-import yaml
 
-from mlsysops import wire
 from tests import loopkit as kit
-from tests.requirements import need_upstream
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ROOT / "plugins" / "policies"

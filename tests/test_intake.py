@@ -33,7 +33,7 @@ async def _stored(url: str, key: str) -> dict | None:
         kv = await nc.jetstream().key_value("mlsysops-desc")
         try:
             entry = await kv.get(key)
-        except Exception:  # noqa: BLE001 - absent or deleted
+        except Exception:
             return None
         return json.loads(entry.value or b"null")
     finally:

@@ -15,7 +15,8 @@ async def test_description_to_apply_once(loop_, cfg, plugin_dirs) -> None:
     events: list[dict] = []
     nc = await kit.collect(cfg.nats_url, events)
     try:
-        assert (await kit.publish_desc(cfg.nats_url, "cluster", "c1", kit.cluster_doc()))["accepted"]
+        cluster = await kit.publish_desc(cfg.nats_url, "cluster", "c1", kit.cluster_doc())
+        assert cluster["accepted"]
         reply = await kit.publish_desc(cfg.nats_url, "app", "shop", kit.app_doc("shop"))
         assert reply["accepted"], reply
         await kit.wait_for(lambda: kit.applied(log), what="apply")

@@ -126,7 +126,7 @@ async def _active(url: str) -> bool:
         kv = await nc.jetstream().key_value("mlsysops-leases")
         entry = await kv.get("leader.scheduler")
         return bool(json.loads(entry.value or b"{}").get("instance"))
-    except Exception:  # noqa: BLE001 - not yet
+    except Exception:
         return False
     finally:
         await nc.close()

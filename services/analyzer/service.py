@@ -49,6 +49,7 @@ class Analyzer:
         self._heap: list[tuple[float, Pair]] = []
         self._due: dict[Pair, float] = {}
         self._running: set[Pair] = set()
+        self._evaluations: set[asyncio.Future[None]] = set()
         self._slots = asyncio.Semaphore(CONCURRENCY)
         self._wake = asyncio.Event()
         self.state.telemetry_listeners.append(self._on_telemetry)
@@ -76,7 +77,7 @@ class Analyzer:
             try:
                 await self.bus.put_with_ttl(subjects.BUCKET_LEASES, self._member_key,
                                             wire.encode(beat), MEMBER_TTL)
-            except Exception as exc:  # noqa: BLE001 - retried next period
+            except Exception as exc:
                 log.debug("membership refresh failed", error=str(exc))
             await asyncio.sleep(MEMBER_EVERY)
 
@@ -130,7 +131,9 @@ class Analyzer:
                 if self.owns(pair):
                     self._running.add(pair)
                     await self._slots.acquire()
-                    asyncio.ensure_future(self._evaluate_guarded(policy, pair))
+                    task = asyncio.ensure_future(self._evaluate_guarded(policy, pair))
+                    self._evaluations.add(task)
+                    task.add_done_callback(self._evaluations.discard)
             await self._cleanup(pairs)
             self._wake.clear()
             try:
@@ -147,7 +150,7 @@ class Analyzer:
                 self.contexts.apply(key, 1 << 62, None)
                 try:
                     await self.bus.kv(subjects.BUCKET_CONTEXT).delete(key)
-                except Exception as exc:  # noqa: BLE001 - retried on the next tick
+                except Exception as exc:
                     log.debug("context cleanup failed", key=key, error=str(exc))
 
     # ------------------------------------------------------------ one evaluation
@@ -155,7 +158,7 @@ class Analyzer:
         started = time.perf_counter()
         try:
             await self.evaluate(policy, pair[1])
-        except Exception as exc:  # noqa: BLE001 - one pair must not stop the others
+        except Exception as exc:
             http.ERRORS.labels("analyzer", "evaluation").inc()
             log.error("evaluation failed", policy=pair[0], app=pair[1], error=repr(exc))
         finally:

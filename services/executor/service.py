@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import nats.js.errors as jserr
@@ -89,8 +89,8 @@ class Executor:
         await self._publish_result(result)
         await msg.ack()
         plugin = self.mechanisms.get(request.mechanism)
-        if plugin is not None:
-            asyncio.ensure_future(self._publish_status(request.mechanism, plugin))
+        if plugin is not None:  # policies should see the new state soon
+            await self._publish_status(request.mechanism, plugin)
 
     async def _seen_before(self, request: wire.ExecRequest, key: str) -> None:
         """A redelivery: re-announce a finished result, or close an interrupted apply."""
@@ -126,7 +126,7 @@ class Executor:
                                                   details={"plan_id": request.plan_id}))
         finally:
             keepalive.cancel()
-        outcome = "failed" if error else "applied"
+        outcome: Literal["applied", "failed"] = "failed" if error else "applied"
         log.info("executed", plan_id=request.plan_id, mechanism=request.mechanism,
                  outcome=outcome, error=error)
         return wire.ExecResult(plan_id=request.plan_id, mechanism=request.mechanism,
@@ -152,7 +152,7 @@ class Executor:
         if plugin is None or not plugin.loaded:
             try:
                 await self.bus.kv(subjects.BUCKET_STATUS).delete(mech_key(name))
-            except Exception as exc:  # noqa: BLE001 - best effort
+            except Exception as exc:
                 log.debug("could not clear mechanism status", error=str(exc))
         else:
             await self._publish_status(name, plugin)
@@ -174,7 +174,7 @@ class Executor:
         try:
             await self.bus.kv(subjects.BUCKET_STATUS).put(mech_key(name), data)
             await self.bus.nc.publish(self.bus.subjects.status(name), data)  # type: ignore[union-attr]
-        except Exception as exc:  # noqa: BLE001 - retried next period
+        except Exception as exc:
             log.debug("could not publish mechanism status", error=str(exc))
 
 
@@ -190,5 +190,5 @@ async def _keep_alive(msg: Msg, every: float = 5.0) -> None:
         await asyncio.sleep(every)
         try:
             await msg.in_progress()
-        except Exception:  # noqa: BLE001 - the ack itself will tell
+        except Exception:
             return

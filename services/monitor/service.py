@@ -60,7 +60,7 @@ class Monitor:
         async for msg in sub.messages:
             try:
                 await self.take(msg)
-            except Exception as exc:  # noqa: BLE001 - one message must not stop the intake
+            except Exception as exc:
                 http.ERRORS.labels("monitor", "desc").inc()
                 log.error("description intake failed", subject=msg.subject, error=repr(exc),
                           exc_info=exc)
@@ -70,8 +70,9 @@ class Monitor:
         tokens = msg.subject.split(".")
         kind, name = tokens[-2], tokens[-1]
         if kind not in subjects.DESC_KINDS:
+            known = ", ".join(subjects.DESC_KINDS)
             reply = wire.DescReply(accepted=False, kind=kind, name=name, errors=[wire.FieldError(
-                "$", f"unknown description kind {kind!r}: use one of {', '.join(subjects.DESC_KINDS)}")])
+                "$", f"unknown description kind {kind!r}: use one of {known}")])
         else:
             reply = await self._store(kind, name, msg.data)
         if not reply.accepted:
@@ -129,6 +130,6 @@ class Monitor:
             data = wire.encode(self.collector.status())
             try:
                 await self.bus.kv(subjects.BUCKET_STATUS).put("telemetry", data)
-            except Exception as exc:  # noqa: BLE001 - retried next period
+            except Exception as exc:
                 log.debug("could not store telemetry status", error=str(exc))
             await asyncio.sleep(2.0)

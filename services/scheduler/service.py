@@ -65,7 +65,7 @@ class Scheduler:
             try:
                 revision = await self.bus.put_with_ttl(subjects.BUCKET_LEASES, LEASE_KEY, value,
                                                        LEASE_TTL, last=0)
-            except Exception:  # noqa: BLE001 - held by another replica (or broker away)
+            except Exception:
                 await asyncio.sleep(RENEW_EVERY)
                 continue
             log.info("scheduler is active")
@@ -77,7 +77,7 @@ class Scheduler:
                     revision = await self.bus.put_with_ttl(
                         subjects.BUCKET_LEASES, LEASE_KEY, value, LEASE_TTL, last=revision)
                 worker.result()
-            except Exception as exc:  # noqa: BLE001 - lost the lease: become standby
+            except Exception as exc:
                 log.warning("scheduler lease lost; standing by", error=repr(exc))
             finally:
                 self.active = False
