@@ -107,11 +107,12 @@ class Fleet:
         return env
 
     def start(self, service: str, instance: str | None = None,
-              module: str | None = None) -> subprocess.Popen[bytes]:
-        """Start one replica; ``instance`` names it (default ``<service>-0``)."""
+              argv: list[str] | None = None) -> subprocess.Popen[bytes]:
+        """Start one replica; ``instance`` names it (default ``<service>-0``); ``argv``
+        replaces ``-m services.<service>`` (the analyzer shim of :mod:`bench.svc`)."""
         instance = instance or f"{service}-0"
         with open(self.workdir / f"{instance}.log", "ab") as log:
-            proc = subprocess.Popen([sys.executable, "-m", module or f"services.{service}"],
+            proc = subprocess.Popen([sys.executable, *(argv or ["-m", f"services.{service}"])],
                                     env=self.env(instance), stdout=log, stderr=log,
                                     cwd=str(ROOT))
         self.procs[instance] = proc

@@ -10,6 +10,7 @@ watch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 from collections.abc import Callable, Iterator
@@ -109,7 +110,8 @@ class Bus:
                 await asyncio.wait_for(self.nc.flush(), 2)
             except Exception:
                 pass
-            await self.nc.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.nc.close(), 5)
 
     async def _on_error(self, exc: Exception) -> None:
         log.warning("nats error", error=str(exc))
@@ -286,7 +288,8 @@ class KVCache(Generic[T]):
                     continue
                 self._handle(entry)
         finally:
-            await watcher.stop()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(watcher.stop(), 2)
 
     def _handle(self, entry: Any) -> None:
         key = entry.key

@@ -20,6 +20,7 @@ from mlsysops import http, logs
 from mlsysops.bus import Bus
 
 log = logs.get(__name__)
+LAG_EVERY = 5.0  # seconds between consumer lag readings
 
 
 async def consume(
@@ -51,11 +52,16 @@ async def _loop(bus: Bus, durable: str, stream: str, config: api.ConsumerConfig,
                 handler: Callable[[Msg], Awaitable[None]], family: str, concurrency: int,
                 slots: asyncio.Semaphore, running: set[asyncio.Future[None]]) -> None:
     sub = None
+    lag_due = 0.0
     while True:
         try:
             if sub is None:
                 sub = await bus.js.pull_subscribe("", durable=durable, stream=stream,
                                                   config=config)
+            if time.monotonic() >= lag_due:
+                lag_due = time.monotonic() + LAG_EVERY
+                info = await sub.consumer_info()
+                http.LAG.labels(bus.service, durable).set(info.num_pending or 0)
             batch = await sub.fetch(min(concurrency, 64), timeout=5)
         except (nats.errors.TimeoutError, TimeoutError):
             continue

@@ -66,7 +66,8 @@ async def collect_status(bus: Bus) -> dict[str, Any]:
         policy, _, app = key.partition(".")
         out["pairs"].append({"policy": policy, "app": app, "last_verdict": rec.last_verdict,
                              "last_eval": rec.last_eval, "evaluations": rec.evaluations,
-                             "in_flight": rec.inflight, "last_plan_id": rec.last_plan_id})
+                             "in_flight": rec.inflight, "last_plan_id": rec.last_plan_id,
+                             "noops": rec.noops})
     for key, raw in sorted(status.items()):
         _status_entry(out, key, raw)
     now = wire.now()
@@ -124,7 +125,7 @@ def render_status(d: dict[str, Any]) -> str:
         ago = f"{now - p['last_eval']:.0f}s ago" if p["last_eval"] else "never"
         flight = " plan in flight" if p["in_flight"] else ""
         lines.append(f"    {p['policy']} / {p['app']}: last verdict {p['last_verdict']} "
-                     f"({ago}, {p['evaluations']} evaluations){flight}")
+                     f"({ago}, {p['evaluations']} evaluations, {p['noops']} empty plans){flight}")
     lines.append("mechanisms:")
     for name, m in sorted(d["mechanisms"].items()):
         err = f" error: {m['error']}" if m.get("error") else ""

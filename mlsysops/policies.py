@@ -58,11 +58,12 @@ def policy_settings(name: str, context: Any) -> PolicySettings:
     if not isinstance(mechanisms, list) or not all(isinstance(m, str) for m in mechanisms):
         raise PluginError(name, "context key 'mechanisms' must be a list of mechanism names")
     _check_packages(name, context.get("packages") or [])
+    names: list[str] = mechanisms
     return PolicySettings(
         interval=interval,
         scope=scope,
         core=bool(context.get("core", False)),
-        mechanisms=tuple(MECHANISM_ALIASES.get(m, m) for m in mechanisms),
+        mechanisms=tuple(MECHANISM_ALIASES.get(m, m) for m in names),
         on_telemetry=bool(config.get("analyze_on_telemetry", False)),
     )
 

@@ -63,13 +63,11 @@ class PolicyHost:
     async def rescan(self) -> None:
         for name, plugin in self.directory.scan():
             self.policies.pop(name, None)
-            if plugin is not None:
-                await self._activate(plugin)
-            elif name in self.directory.plugins:
-                continue
-            else:
+            if plugin is None:
                 await self._publish_status(wire.PluginStatus(kind="policy", name=name,
                                                              loaded=False, error="removed"))
+            else:
+                await self._activate(plugin)
             for listener in self.listeners:
                 listener(name)
 
@@ -124,3 +122,5 @@ class PolicyHost:
             await self._publish_status(wire.PluginStatus(
                 kind="policy", name=policy.name, loaded=True, path=str(policy.plugin.path),
                 error=message))
+            for listener in self.listeners:
+                listener(policy.name)

@@ -77,7 +77,8 @@ async def run(bus: Bus, build: Callable[[Bus], Service]) -> int:
     finally:
         for task in [*roots, stopper]:
             task.cancel()
-        await asyncio.gather(*roots, stopper, return_exceptions=True)
+        # a task that does not end promptly on cancellation must not hold the shutdown
+        await asyncio.wait([*roots, stopper], timeout=5)
         if server is not None:
             server.close()
             await server.wait_closed()

@@ -179,6 +179,7 @@ class ContextRecord(msgspec.Struct):
     last_plan_id: str | None = None
     evaluations: int = 0
     policy_digest: str = ""
+    noops: int = 0  # plans that came back empty (nothing published)
 
 
 class Claim(msgspec.Struct):

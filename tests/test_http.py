@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
@@ -36,7 +37,7 @@ class Response:
 async def endpoint() -> AsyncIterator[Endpoint]:
     state = Endpoint(port=0)
     server = await http.serve("127.0.0.1", 0, state.is_ready)
-    state.port = server.sockets[0].getsockname()[1]
+    state.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
     assert state.port > 0
     yield state
     server.close()
@@ -135,13 +136,17 @@ async def test_head_has_no_body(endpoint: Endpoint) -> None:
 async def test_malformed_requests_do_not_break_the_endpoint(endpoint: Endpoint,
                                                             raw: bytes) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", endpoint.port)
-    writer.write(raw)
-    if raw:
+    try:
+        writer.write(raw)
         await writer.drain()
-    writer.write_eof()
-    data = await asyncio.wait_for(reader.read(), 5)
-    writer.close()
-    await writer.wait_closed()
+        writer.write_eof()
+        data = await asyncio.wait_for(reader.read(), 5)
+    except ConnectionError:  # the server may close on a request it will not read in full
+        data = b""
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
     assert data == b"" or data.startswith(b"HTTP/1.1 ")
     assert not data.startswith(b"HTTP/1.1 200")
     assert (await get(endpoint.port, "/healthz")).status == 200

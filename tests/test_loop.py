@@ -65,3 +65,35 @@ async def test_seed_static_placement_plans_exactly_once_across_restarts(
     assert command["name"] == "pinned"
     assert command["deployment_plan"] == {"c0": [{"action": "deploy", "host": "node-a"}],
                                           "initial_plan": True}
+
+
+async def test_policies_are_picked_up_changed_and_removed_at_run_time(
+        loop_, cfg, plugin_dirs) -> None:
+    import asyncio
+
+    policies, mechanisms = plugin_dirs
+    log = kit.recorder(mechanisms)
+    loop_.start()
+    events: list[dict] = []
+    nc = await kit.collect(cfg.nats_url, events, families=("plan", "error"))
+    try:
+        assert (await kit.publish_desc(cfg.nats_url, "app", "shop", kit.app_doc("shop")))[
+            "accepted"]
+        kit.once_policy(policies, "late")  # added while running
+        await kit.wait_for(lambda: kit.applied(log), what="a plan from the new policy")
+        (policies / "policy-broken.py").write_text("def analyze(:\n")
+        await kit.wait_for(lambda: any(e["subject"] == "mlsysops.error.policy.broken"
+                                       for e in events), what="the load error")
+        error = next(e for e in events if e["subject"] == "mlsysops.error.policy.broken")
+        assert "SyntaxError" in error["message"] and error["traceback"]
+        # a changed file is reloaded: the new version plans for another mechanism key
+        kit.always_policy(policies, "late", interval="200ms", key="'k2'")
+        await kit.wait_for(lambda: any(r["command"].get("key") == "k2"
+                                       for r in kit.applied(log)), what="the new behaviour")
+        (policies / "policy-late.py").unlink()
+        await asyncio.sleep(1.0)
+        before = len(kit.applied(log))
+        await asyncio.sleep(1.5)
+        assert len(kit.applied(log)) == before  # removed: no more plans
+    finally:
+        await nc.close()

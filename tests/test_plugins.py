@@ -44,7 +44,7 @@ def plan(context, app, system, mechanisms, telemetry, ml):
 
 # What analyze() and plan() receive: context, application_description,
 # system_description, mechanisms, telemetry, ml_connector.
-ARGS = ({}, {"name": "app"}, {}, {}, {}, None)
+ARGS: tuple[Any, ...] = ({}, {"name": "app"}, {}, {}, {}, None)
 
 MECHANISM = """
 def apply(command):
@@ -513,7 +513,7 @@ async def test_hung_sync_call_is_abandoned_and_others_run(
     policies.scan()
     hung, ok = policies.get("hung"), policies.get("ok")
     assert hung is not None and ok is not None and hung.module is not None
-    hung.module.RELEASE = release
+    hung.module.RELEASE = release  # type: ignore[attr-defined]
 
     ticks = 0
 
@@ -525,8 +525,9 @@ async def test_hung_sync_call_is_abandoned_and_others_run(
 
     tick_task = asyncio.create_task(ticker())
     started = time.monotonic()
-    outcome, quick = await asyncio.gather(
+    results: tuple[Any, ...] = await asyncio.gather(
         hung.call("hang", timeout=0.3), ok.call("quick", timeout=2), return_exceptions=True)
+    outcome, quick = results
     elapsed = time.monotonic() - started
     tick_task.cancel()
 
@@ -559,7 +560,7 @@ async def test_blocking_async_call_is_abandoned(
     policies.scan()
     blocking, ok = policies.get("blocking"), policies.get("ok")
     assert blocking is not None and ok is not None and blocking.module is not None
-    blocking.module.RELEASE = release
+    blocking.module.RELEASE = release  # type: ignore[attr-defined]
 
     started = time.monotonic()
     results = await asyncio.gather(
@@ -590,7 +591,7 @@ async def test_abandoned_async_call_is_cancelled_in_the_plugin(
             cancelled.set()
             raise
 
-    with pytest.raises(PluginError, match="waits_forever exceeded its deadline of 0.1s"):
+    with pytest.raises(PluginError, match=r"waits_forever exceeded its deadline of 0\.1s"):
         await runner.call(waits_forever, timeout=0.1)
     assert await asyncio.to_thread(cancelled.wait, 2)
     assert await runner.call(lambda: 42, timeout=1) == 42
@@ -798,13 +799,14 @@ def test_context_cycles_and_non_dicts_are_refused() -> None:
     cyclic["self"] = cyclic
     with pytest.raises(PluginError, match="nested more than 64 levels deep"):
         check_context("p", cyclic, what="plan()")
-    for value in ([], None, "ctx", (1, 2)):
+    for value in ([], None, "ctx", (1, 2)):  # type: ignore[var-annotated]
         with pytest.raises(PluginError, match=r"plan\(\) must return a dict context, not"):
             check_context("p", value, what="plan()")
 
 
 def test_initialize_context_is_checked_too() -> None:
-    with pytest.raises(PluginError, match="initialize\\(\\) returned a context .*context.s is a set"):
+    with pytest.raises(PluginError,
+                       match=r"initialize\(\) returned a context .*context\.s is a set"):
         policy_settings("p", {"s": set()})
 
 

@@ -33,7 +33,7 @@ def flags(*argv: str) -> argparse.Namespace:
     return parser.parse_args(list(argv))
 
 
-def bad_input(args: argparse.Namespace | None = None, **env: str) -> BadInput:
+def bad_input(args: argparse.Namespace | None = None, /, **env: str) -> BadInput:
     with pytest.raises(BadInput) as info:
         load(args, env=env)
     return info.value

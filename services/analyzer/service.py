@@ -52,9 +52,11 @@ class Analyzer:
         self._evaluations: set[asyncio.Future[None]] = set()
         self._slots = asyncio.Semaphore(CONCURRENCY)
         self._wake = asyncio.Event()
+        self._pairs: dict[Pair, Policy] | None = None  # recomputed when apps or policies change
+        self._apps_changed = True
         self.state.telemetry_listeners.append(self._on_telemetry)
-        self.state.app_listeners.append(lambda app, value: self._wake.set())
-        self.host.listeners.append(lambda name: self._wake.set())
+        self.state.app_listeners.append(lambda app, value: self._changed(apps=True))
+        self.host.listeners.append(lambda name: self._changed())
 
     def tasks(self) -> list[Any]:
         return [*self.state.tasks(), self.contexts.run(), self.members.run(), self.host.watch(),
@@ -88,7 +90,17 @@ class Analyzer:
         return max(members, key=lambda m: _score(pair, m)) == self._member_key
 
     # ------------------------------------------------------------ scheduling
+    def _changed(self, apps: bool = False) -> None:
+        self._pairs = None
+        self._apps_changed = self._apps_changed or apps
+        self._wake.set()
+
     def pairs(self) -> dict[Pair, Policy]:
+        if self._pairs is None:
+            self._pairs = self._compute_pairs()
+        return self._pairs
+
+    def _compute_pairs(self) -> dict[Pair, Policy]:
         apps = self.state.apps()
         out: dict[Pair, Policy] = {}
         for policy in self.host.active():
@@ -134,14 +146,16 @@ class Analyzer:
                     task = asyncio.ensure_future(self._evaluate_guarded(policy, pair))
                     self._evaluations.add(task)
                     task.add_done_callback(self._evaluations.discard)
-            await self._cleanup(pairs)
+            if self._apps_changed:
+                self._apps_changed = False
+                await self._cleanup()
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), TICK)
             except TimeoutError:
                 pass
 
-    async def _cleanup(self, pairs: dict[Pair, Policy]) -> None:
+    async def _cleanup(self) -> None:
         """Forget context records of applications that were deleted."""
         apps = set(self.state.apps()) | {subjects.GLOBAL_APP}
         for key in self.contexts.keys():

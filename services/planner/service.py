@@ -125,7 +125,8 @@ class Planner:
                        context: dict[str, Any], plan_id: str | None) -> None:
         released = msgspec.structs.replace(
             record, context=context, inflight=None, inflight_since=0.0, outbox_plan=None,
-            outbox_verdict=None, last_plan_id=plan_id or record.last_plan_id)
+            outbox_verdict=None, last_plan_id=plan_id or record.last_plan_id,
+            noops=record.noops + (plan_id is None))
         try:
             await self.bus.kv(subjects.BUCKET_CONTEXT).update(key, wire.encode(released),
                                                               last=revision)

@@ -35,10 +35,13 @@ Semantics:
   sure the target exists.
 - ``change_spec`` patches the pod template of existing instances (a rolling update; the
   Deployment is never deleted and recreated).
-- Every action is idempotent, and the whole command is checked (application, components,
-  hosts, action fields, the Kubernetes manifests they render to, and the instances the
-  actions need) before anything is changed. If a Kubernetes call fails midway, the error
-  says which steps were already done.
+- The actions are played in order on the application's current instances, and only the
+  difference to the cluster is sent: creations and patches first, deletions last. So
+  every command is idempotent (applied again, it sends nothing).
+- The whole command is checked (application, components, hosts, action fields, the
+  Kubernetes manifests they render to, and the instances the actions need) before
+  anything is changed. If a Kubernetes call fails midway, the error says which steps
+  were already done.
 
 Settings: ``MLSYSOPS_KUBE_API_URL`` (an explicit API URL; empty: in-cluster config, else
 kubeconfig), ``MLSYSOPS_FLUIDITY_NAMESPACE`` (default ``default``),
@@ -338,6 +341,9 @@ def _container(component: str, index: int, spec: Any, count: int) -> dict[str, A
             out[target] = value
     if spec.get("image_pull_policy"):
         out["imagePullPolicy"] = str(spec["image_pull_policy"])
+    for key in ("env", "ports"):
+        if spec.get(key) and not isinstance(spec[key], list):
+            raise _Problem(f"{where}: {key} must be a list")
     if spec.get("env"):
         out["env"] = [_env(where, e) for e in spec["env"]]
     if spec.get("ports"):

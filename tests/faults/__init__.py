@@ -1,0 +1,1 @@
+"""Fault tests: services killed with SIGKILL, the broker restarted, faulty plugins."""
