@@ -109,13 +109,9 @@ def cmd_up(args: argparse.Namespace, cfg: settings_mod.Settings) -> int:
     if not explicit_url:
         nats_proc = start_nats(Path(args.data_dir), args.nats_port)
         cfg.nats_url = f"nats://127.0.0.1:{args.nats_port}"
-    env = dict(os.environ)
-    for name, value in cfg.redacted().items():
-        if isinstance(value, str | int | float) and value != "***":
-            env[settings_mod.env_name(name)] = str(value)
-    for secret in settings_mod.SECRET_FIELDS:
-        if getattr(cfg, secret):
-            env[settings_mod.env_name(secret)] = getattr(cfg, secret)
+    env = {**os.environ, **cfg.environment()}
+    if cfg.http_port == -1:
+        del env["MLSYSOPS_HTTP_PORT"]  # each service on its own default port
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(settings_mod.ROOT),
                                                       env.get("PYTHONPATH", "")]))
     supervisor = Supervisor(env, replicas)

@@ -62,9 +62,10 @@ def policy_settings(name: str, context: Any) -> PolicySettings:
     return PolicySettings(
         interval=interval,
         scope=scope,
-        core=bool(context.get("core", False)),
+        core=_flag(name, "core", context.get("core", False)),
         mechanisms=tuple(MECHANISM_ALIASES.get(m, m) for m in names),
-        on_telemetry=bool(config.get("analyze_on_telemetry", False)),
+        on_telemetry=_flag(name, "configuration.analyze_on_telemetry",
+                           config.get("analyze_on_telemetry", False)),
     )
 
 
@@ -103,6 +104,12 @@ def _installed(requirement: str) -> bool:
         return importlib.util.find_spec(project.replace("-", "_")) is not None
     except (ImportError, ValueError):
         return False
+
+
+def _flag(name: str, key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise PluginError(name, f"context key {key!r} must be true or false, not {value!r}")
+    return value
 
 
 def check_context(name: str, context: Any, *, what: str) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -20,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_POLICY_DIR = ROOT / "plugins" / "policies"
 DEFAULT_MECHANISM_DIR = ROOT / "plugins" / "mechanisms"
 
+_URL_CREDENTIALS = re.compile(r"(\w+://)[^@/\s,]+@")
 SECRET_FIELDS = frozenset({"nats_password", "nats_token"})
 
 
@@ -73,8 +75,16 @@ class Settings:
         out: dict[str, object] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            out[f.name] = "***" if f.metadata.get("secret") and value else value
+            if f.metadata.get("secret") and value:
+                value = "***"
+            elif isinstance(value, str) and "@" in value:
+                value = _URL_CREDENTIALS.sub(r"\1***@", value)  # nats://user:pass@host
+            out[f.name] = value
         return out
+
+    def environment(self) -> dict[str, str]:
+        """Every setting as ``MLSYSOPS_*`` variables, secrets included (for child processes)."""
+        return {env_name(f.name): str(getattr(self, f.name)) for f in fields(self)}
 
 
 def env_name(name: str) -> str:

@@ -141,9 +141,7 @@ class ProcessLoop:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def env(self, name: str) -> dict[str, str]:
-        env = dict(os.environ)
-        for field, value in self.cfg.__dict__.items():
-            env[settings_mod.env_name(field)] = str(value)
+        env = {**os.environ, **self.cfg.environment()}
         env["MLSYSOPS_INSTANCE"] = f"{name}-p"
         env["PYTHONPATH"] = str(ROOT)
         return env
