@@ -65,13 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="publish the descriptions in PATH (file or directory) once running")
 
     pub = _command(sub, "publish", "publish a description", cmd_publish)
-    pub.add_argument("kind", choices=sorted(NAME_FIELDS))
+    pub.add_argument("kind", choices=[*sorted(NAME_FIELDS), "energy"])
     pub.add_argument("file", help="YAML or JSON description ('-' for stdin)")
     pub.add_argument("--name", help="name to publish under (default: from the document)")
 
     rm = _command(sub, "delete", "delete a description", cmd_delete)
     rm.add_argument("kind", choices=sorted(NAME_FIELDS))
     rm.add_argument("name")
+
+    trig = _command(sub, "trigger", "run a policy for an application now", cmd_trigger)
+    trig.add_argument("policy")
+    trig.add_argument("app", help="application name (_global for a global policy)")
+    trig.add_argument("--params", default="{}", help="JSON object handed to plan()")
 
     _command(sub, "status", "apps, policies, mechanisms, claims and services", _inspect("status"))
 
@@ -121,6 +126,8 @@ def guess_name(kind: str, payload: bytes) -> str:
 
 def cmd_publish(args: argparse.Namespace, cfg: settings_mod.Settings) -> int:
     data = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+    if args.kind == "energy" and not args.name:
+        raise BadInput("an energy profile needs --name (the node or cluster it describes)")
     name = args.name or guess_name(args.kind, data)
     return asyncio.run(publish(cfg, args.kind, name, data, as_json=args.json))
 
@@ -129,14 +136,41 @@ def cmd_delete(args: argparse.Namespace, cfg: settings_mod.Settings) -> int:
     return asyncio.run(publish(cfg, args.kind, args.name, b"", as_json=args.json))
 
 
+def cmd_trigger(args: argparse.Namespace, cfg: settings_mod.Settings) -> int:
+    try:
+        params = json.loads(args.params)
+    except ValueError as exc:
+        raise BadInput(f"--params is not JSON: {exc}") from None
+    from mlsysops.subjects import Subjects, check_token
+
+    check_token("policy", args.policy)
+    check_token("app", args.app)
+    subject = Subjects(cfg.prefix).trigger(args.policy, args.app)
+    return asyncio.run(_request(cfg, subject, json.dumps({"params": params}).encode(),
+                                as_json=args.json, render=_describe_trigger))
+
+
+def _describe_trigger(reply: dict[str, Any]) -> str:
+    if reply.get("accepted"):
+        return f"triggered: verdict {reply['verdict_id']}"
+    return f"REFUSED: {reply.get('error')}"
+
+
 async def publish(cfg: settings_mod.Settings, kind: str, name: str, data: bytes, *,
                   as_json: bool = False, timeout: float = 10.0) -> int:
-    import nats
-
-    from mlsysops.bus import connect_options
     from mlsysops.subjects import Subjects, check_token
 
     check_token(kind, name)
+    return await _request(cfg, Subjects(cfg.prefix).desc(kind, name), data, as_json=as_json,
+                          render=_describe_reply, timeout=timeout)
+
+
+async def _request(cfg: settings_mod.Settings, subject: str, data: bytes, *, as_json: bool,
+                   render: Any, timeout: float = 10.0) -> int:
+    import nats
+
+    from mlsysops.bus import connect_options
+
     opts = connect_options(cfg)
     opts["max_reconnect_attempts"] = 0
 
@@ -150,15 +184,15 @@ async def publish(cfg: settings_mod.Settings, kind: str, name: str, data: bytes,
               f"{exc or 'no answer within 5 s'}", file=sys.stderr)
         return 4
     try:
-        msg = await nc.request(Subjects(cfg.prefix).desc(kind, name), data, timeout=timeout)
+        msg = await nc.request(subject, data, timeout=timeout)
     except nats.errors.NoRespondersError:
-        print("mlsysops: no monitor is listening for descriptions (is the loop running?)",
+        print(f"mlsysops: nothing is listening on {subject} (is the loop running?)",
               file=sys.stderr)
         return 3
     finally:
         await nc.close()
     reply = json.loads(msg.data)
-    print(json.dumps(reply, indent=2) if as_json else _describe_reply(reply))
+    print(json.dumps(reply, indent=2) if as_json else render(reply))
     return 0 if reply.get("accepted") else 1
 
 

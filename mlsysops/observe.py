@@ -60,14 +60,15 @@ async def collect_status(bus: Bus) -> dict[str, Any]:
                            "telemetry": None, "leader": None}
     for key in sorted(desc):
         kind, _, name = key.partition(".")
-        out[{"app": "apps", "cluster": "clusters", "node": "nodes"}[kind]].append(name)
+        out.setdefault({"app": "apps", "cluster": "clusters", "node": "nodes"}.get(
+            kind, "energy_profiles"), []).append(name)
     for key, raw in sorted(ctx.items()):
         rec = wire.CONTEXT_RECORD.decode(raw)
         policy, _, app = key.partition(".")
         out["pairs"].append({"policy": policy, "app": app, "last_verdict": rec.last_verdict,
                              "last_eval": rec.last_eval, "evaluations": rec.evaluations,
                              "in_flight": rec.inflight, "last_plan_id": rec.last_plan_id,
-                             "noops": rec.noops})
+                             "noops": rec.noops, "status": rec.context.get("status")})
     for key, raw in sorted(status.items()):
         _status_entry(out, key, raw)
     now = wire.now()

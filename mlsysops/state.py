@@ -55,7 +55,8 @@ class StateView:
     # ---------------------------------------------------------------- descriptions
     def _on_desc(self, key: str, value: wire.StoredDescription | None) -> None:
         kind, _, name = key.partition(".")
-        plugin_api.descriptions.set(kind, name, value.spec if value else None)
+        if kind in ("app", "cluster", "node"):
+            plugin_api.descriptions.set(kind, name, value.spec if value else None)
         if kind == "app":
             for listener in self.app_listeners:
                 listener(name, value)
@@ -78,8 +79,11 @@ class StateView:
                     if k.startswith("cluster.")}
         nodes = {k.partition(".")[2]: _copy(v.spec) for k, v in self.descs.items()
                  if k.startswith("node.")}
+        energy = {k.partition(".")[2]: _copy(v.spec) for k, v in self.descs.items()
+                  if k.startswith("energy.")}
         first = clusters[sorted(clusters)[0]] if clusters else {"nodes": sorted(nodes)}
-        return {"MLSysOpsCluster": first, "MLSysOpsClusters": clusters, "MLSysOpsNode": nodes}
+        return {"MLSysOpsCluster": first, "MLSysOpsClusters": clusters, "MLSysOpsNode": nodes,
+                "MLSysOpsEnergy": energy}
 
     # ---------------------------------------------------------------- mechanisms
     def mechanisms(self) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from mlsysops.errors import BadInput
 
 GLOBAL_APP = "_global"
-DESC_KINDS = ("app", "cluster", "node")
+DESC_KINDS = ("app", "cluster", "node", "energy")
 
 # A token is what NATS puts between dots. We are stricter than NATS (which only forbids
 # whitespace, '.', '*' and '>') so that names also work as KV keys and Kubernetes labels.
@@ -48,6 +48,10 @@ class Subjects:
 
     def trigger(self, policy: str, app: str) -> str:
         return f"{self.prefix}.trigger.{policy}.{app}"
+
+    @property
+    def trigger_all(self) -> str:
+        return f"{self.prefix}.trigger.*.*"
 
     # --- observable flow -------------------------------------------------------------
     def telemetry(self, source: str) -> str:

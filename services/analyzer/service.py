@@ -16,6 +16,7 @@ import heapq
 import time
 from typing import Any
 
+import msgspec
 import nats.js.errors as jserr
 
 from mlsysops import http, logs, subjects, wire
@@ -60,7 +61,7 @@ class Analyzer:
 
     def tasks(self) -> list[Any]:
         return [*self.state.tasks(), self.contexts.run(), self.members.run(), self.host.watch(),
-                self._announce(), self._loop()]
+                self._announce(), self._loop(), self._triggers()]
 
     def ready(self) -> bool:
         return self.host.loaded.is_set() and self.contexts.ready.is_set()
@@ -254,6 +255,53 @@ class Analyzer:
             return
         await self.bus.publish(self.bus.subjects.verdict(verdict.app, verdict.policy), verdict,
                                msg_id=verdict.verdict_id)
+
+
+    # ------------------------------------------------------------ run a policy now
+    async def _triggers(self) -> None:
+        await asyncio.gather(self.host.loaded.wait(), self.contexts.ready.wait())
+        sub = await self.bus.nc.subscribe(self.bus.subjects.trigger_all,  # type: ignore[union-attr]
+                                          queue="analyzer")
+        async for msg in sub.messages:
+            try:
+                reply = await self.trigger(msg.subject.split(".")[-2], msg.subject.split(".")[-1],
+                                           msg.data)
+            except Exception as exc:  # noqa: BLE001 - one bad trigger must not stop the rest
+                reply = {"accepted": False, "error": f"internal error: {exc!r}"}
+            if msg.reply:
+                await msg.respond(wire.encode(reply))
+
+    async def trigger(self, policy_name: str, app: str, data: bytes) -> dict[str, Any]:
+        """Issue a verdict for (policy, app) now; plan() sees ``context["trigger"]``."""
+        try:
+            params = msgspec.json.decode(data or b"{}").get("params", {})
+        except (msgspec.DecodeError, AttributeError):
+            return {"accepted": False, "error": 'the payload must be JSON like {"params": {...}}'}
+        policy = self.host.get(policy_name)
+        if policy is None or policy.quarantined:
+            return {"accepted": False, "error": f"policy {policy_name!r} is not loaded"}
+        if (policy.name, app) not in self.pairs():
+            return {"accepted": False, "error": f"policy {policy_name!r} does not manage "
+                                                f"application {app!r}"}
+        if not isinstance(params, dict):
+            return {"accepted": False, "error": "params must be a JSON object"}
+        key = wire.context_key(policy.name, app)
+        revision, record = self.contexts.get(key) or (0, None)
+        record = record or wire.ContextRecord(context=_copy(policy.initial))
+        if record.inflight:
+            return {"accepted": False, "error": f"a plan is already in flight ({record.inflight})"}
+        context = {**record.context, "trigger": {"params": params, "at": wire.now()}}
+        verdict = wire.Verdict(
+            verdict_id=wire.make_id("v", policy.name, app, revision, record.evaluations, "t"),
+            app=app, policy=policy.name, created_at=wire.now(), context=context,
+            trigger="manual")
+        new = msgspec.structs.replace(record, inflight=verdict.verdict_id,
+                                      inflight_since=verdict.created_at, outbox_verdict=verdict)
+        if not await self._store(key, revision, new):
+            return {"accepted": False, "error": "the pair changed meanwhile; try again"}
+        await self.bus.publish(self.bus.subjects.verdict(app, policy.name), verdict,
+                               msg_id=verdict.verdict_id)
+        return {"accepted": True, "verdict_id": verdict.verdict_id}
 
 
 def _score(pair: Pair, member: str) -> bytes:

@@ -22,6 +22,7 @@ from nats.aio.msg import Msg
 
 from mlsysops import descriptions, http, logs, subjects, telemetry, wire
 from mlsysops.bus import Bus, KVCache
+from mlsysops.energy import validate_energy
 from mlsysops.state import desc_key
 
 log = logs.get(__name__)
@@ -84,8 +85,9 @@ class Monitor:
             await msg.respond(wire.encode(reply))
 
     async def _store(self, kind: str, name: str, payload: bytes) -> wire.DescReply:
-        validate = functools.partial(descriptions.validate_payload, kind, name, payload,
-                                     max_bytes=self.bus.settings.max_payload)
+        validate = (functools.partial(validate_energy, name, payload) if kind == "energy" else
+                    functools.partial(descriptions.validate_payload, kind, name, payload,
+                                      max_bytes=self.bus.settings.max_payload))
         # large documents are validated off the event loop so the intake stays responsive
         result = await asyncio.to_thread(validate) if len(payload) > 65536 else validate()
         reply = wire.DescReply(accepted=result.accepted, kind=kind, name=result.name or name,

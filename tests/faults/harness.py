@@ -332,6 +332,53 @@ def decided_in_stream_order(trace: Trace) -> list[str]:
     return problems
 
 
+def conflicts(trace: Trace, rec: Recorder, exec_timeout: float,
+              mechanism: str = "rec") -> list[str]:
+    """Problems with "first plan per conflict key wins until its execution ends".
+
+    Per conflict key, in decision order: a ``discarded`` decision must name as holder the
+    last plan scheduled on that key, whose execution had not ended; a ``scheduled`` one
+    must come after the previous scheduled execution ended (or its claim expired), and
+    two executions of one key never overlap.
+    """
+    problems: list[str] = []
+    runs = {r["command"]["_plan_id"]: (r["t0"], r["t"]) for r in rec.lines()}
+    by_key: dict[str, list[dict[str, Any]]] = {}
+    for _, d in trace.decisions:
+        if d["mechanism"] == mechanism:
+            by_key.setdefault(d["conflict_key"], []).append(d)
+    slack = 1.0  # the scheduler reads the ledger just after stamping decided_at
+    for key, decisions in by_key.items():
+        last: dict[str, Any] | None = None
+        for d in sorted(decisions, key=lambda d: d["decided_at"]):
+            if last is None:
+                if d["outcome"] == "scheduled":
+                    last = d
+                continue
+            held_until = runs.get(last["plan_id"], (0.0, float("inf")))[1]
+            live = (d["decided_at"] < last["decided_at"] + exec_timeout
+                    and held_until > d["decided_at"] - slack)
+            if d["outcome"] == "discarded":
+                if d["holder"] != last["plan_id"]:
+                    problems.append(f"{key}: {d['plan_id']} discarded naming {d['holder']}, "
+                                    f"but the claim was {last['plan_id']}'s")
+                elif not live:
+                    problems.append(f"{key}: {d['plan_id']} discarded at {d['decided_at']:.3f}"
+                                    f" but {last['plan_id']} had ended at {held_until:.3f}")
+                continue
+            expired = d["decided_at"] >= last["decided_at"] + exec_timeout
+            ended = held_until < d["decided_at"] + slack
+            if not (expired or ended):
+                problems.append(f"{key}: {d['plan_id']} scheduled at {d['decided_at']:.3f} while "
+                                f"{last['plan_id']} held it until {held_until:.3f}")
+            mine = runs.get(d["plan_id"])
+            if mine and not expired and mine[0] < held_until:
+                problems.append(f"{key}: executions of {last['plan_id']} and {d['plan_id']} "
+                                "overlap")
+            last = d
+    return problems
+
+
 async def drain(url: str, rec: Recorder, policy_files: list[Path],
                 timeout: float = 50) -> Trace:
     """Stop the policies, then wait until every plan is decided and every acked one ended."""
