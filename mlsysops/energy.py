@@ -15,8 +15,8 @@ import msgspec
 import yaml
 
 from mlsysops.descriptions import DescriptionResult
-from mlsysops.subjects import check_token
 from mlsysops.errors import BadInput
+from mlsysops.subjects import check_token
 from mlsysops.wire import FieldError
 
 

@@ -266,7 +266,7 @@ class Analyzer:
             try:
                 reply = await self.trigger(msg.subject.split(".")[-2], msg.subject.split(".")[-1],
                                            msg.data)
-            except Exception as exc:  # noqa: BLE001 - one bad trigger must not stop the rest
+            except Exception as exc:
                 reply = {"accepted": False, "error": f"internal error: {exc!r}"}
             if msg.reply:
                 await msg.respond(wire.encode(reply))
