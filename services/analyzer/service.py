@@ -50,6 +50,7 @@ class Analyzer:
         self._heap: list[tuple[float, Pair]] = []
         self._due: dict[Pair, float] = {}
         self._running: set[Pair] = set()
+        self._forced: set[Pair] = set()  # due now because telemetry arrived
         self._evaluations: set[asyncio.Future[None]] = set()
         self._slots = asyncio.Semaphore(CONCURRENCY)
         self._wake = asyncio.Event()
@@ -121,6 +122,7 @@ class Analyzer:
         now = time.monotonic()
         for pair, policy in self.pairs().items():
             if policy.settings.on_telemetry:
+                self._forced.add(pair)
                 self._schedule(pair, now)
         self._wake.set()
 
@@ -141,10 +143,12 @@ class Analyzer:
                 if policy is None or pair in self._running:
                     continue
                 self._schedule(pair, now + policy.settings.interval)
+                forced = pair in self._forced
+                self._forced.discard(pair)
                 if self.owns(pair):
                     self._running.add(pair)
                     await self._slots.acquire()
-                    task = asyncio.ensure_future(self._evaluate_guarded(policy, pair))
+                    task = asyncio.ensure_future(self._evaluate_guarded(policy, pair, forced))
                     self._evaluations.add(task)
                     task.add_done_callback(self._evaluations.discard)
             if self._apps_changed:
@@ -169,10 +173,10 @@ class Analyzer:
                     log.debug("context cleanup failed", key=key, error=str(exc))
 
     # ------------------------------------------------------------ one evaluation
-    async def _evaluate_guarded(self, policy: Policy, pair: Pair) -> None:
+    async def _evaluate_guarded(self, policy: Policy, pair: Pair, forced: bool) -> None:
         started = time.perf_counter()
         try:
-            await self.evaluate(policy, pair[1])
+            await self.evaluate(policy, pair[1], forced=forced)
         except Exception as exc:
             http.ERRORS.labels("analyzer", "evaluation").inc()
             log.error("evaluation failed", policy=pair[0], app=pair[1], error=repr(exc))
@@ -182,7 +186,8 @@ class Analyzer:
             http.LATENCY.labels("analyzer", "evaluation").observe(time.perf_counter() - started)
             http.MESSAGES.labels("analyzer", "evaluation").inc()
 
-    async def evaluate(self, policy: Policy, app: str) -> None:
+    async def evaluate(self, policy: Policy, app: str, *, forced: bool = False) -> None:
+        """One analysis of (policy, app); ``forced`` skips the once-per-interval check."""
         key = wire.context_key(policy.name, app)
         revision, record = self.contexts.get(key) or (0, None)
         if record is None:
@@ -190,7 +195,7 @@ class Analyzer:
         if record.inflight:
             await self._maybe_republish(record)
             return
-        if wire.now() < record.last_eval + policy.settings.interval * 0.9:
+        if not forced and wire.now() < record.last_eval + policy.settings.interval * 0.9:
             return  # another replica evaluated this pair within the interval
         outcome = await self._analyze(policy, app, record.context)
         if outcome is None:

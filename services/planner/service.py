@@ -103,7 +103,7 @@ class Planner:
                 message="verdict dropped: the policy is not loaded in the planner"))
             return None
         apps = self.state.app_description(verdict.app)
-        if not apps:
+        if not apps and verdict.app != subjects.GLOBAL_APP:
             return None  # the application was deleted since the verdict
         args = (verdict.context, apps, self.state.system_description(), self.state.mechanisms(),
                 self.state.telemetry(), self.bus.settings.ml_connector_url or None)
