@@ -8,7 +8,7 @@ server applies a CRD's structural schema:
   are not ``nullable``); a required field that is null is therefore an error;
 - ``integer`` takes integers only (not ``2.5``, not ``"2"``, not ``true``), ``number``
   takes integers and finite floats, ``string`` takes strings only, ``boolean`` takes
-  ``true``/``false`` only (not ``"True"``); integers must fit in 64 bits;
+  ``true``/``false`` only (not ``"True"``); integers must fit in 64 bits (numbers need only be finite);
 - enums are compared exactly (``OnFailure``, not ``on_failure``).
 
 YAML 1.1 boolean words (:class:`~mlsysops.descriptions.loading.YamlBoolWord`) are read as
@@ -144,8 +144,8 @@ def _check_integer(value: Any, schema: dict[str, Any], path: str, found: Finding
 def _check_number(value: Any, schema: dict[str, Any], path: str, found: Findings) -> Any:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return found.wrong(path, "a number", value)
-    if isinstance(value, int) and not -_INT64 <= value < _INT64:
-        return found.wrong(path, "a number that fits in 64 bits", value)
+    if isinstance(value, int) and abs(value) >= 10**308:  # beyond what a float can hold
+        return found.wrong(path, "a finite number", value)
     if isinstance(value, float) and not math.isfinite(value):
         return found.wrong(path, "a finite number", value)
     return value
