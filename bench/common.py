@@ -91,6 +91,27 @@ class Fleet:
     mechanism_dir: Path
     extra_env: dict[str, str] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    profile_dir: Path | None = None
+    profilers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def profile(self, label: str, *instances: str) -> None:
+        """With ``--profile``: attach ``py-spy record`` to these replicas (all when none
+        is named) until they exit; the raw (collapsed) stacks go to the profile dir."""
+        if self.profile_dir is None:
+            return
+        pyspy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or \
+            shutil.which("py-spy")
+        if pyspy is None:
+            raise RuntimeError("--profile needs py-spy: pip install py-spy")
+        self.profile_dir.mkdir(parents=True, exist_ok=True)
+        for instance in instances or tuple(self.procs):
+            if instance in self.profilers:
+                continue
+            out = self.profile_dir / f"{label}-{instance}.txt"
+            self.profilers[instance] = subprocess.Popen(
+                [pyspy, "record", "--pid", str(self.procs[instance].pid), "--format", "raw",
+                 "--rate", "250", "--output", str(out)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def env(self, instance: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLSYSOPS_")}
@@ -111,6 +132,8 @@ class Fleet:
         """Start one replica; ``instance`` names it (default ``<service>-0``); ``argv``
         replaces ``-m services.<service>`` (the analyzer shim of :mod:`bench.svc`)."""
         instance = instance or f"{service}-0"
+        if service == "analyzer" and argv is None and os.environ.get("BENCH_WHATIF"):
+            argv = ["-m", "bench.svc", "analyzer"]  # what-if patches (bench/svc.py)
         with open(self.workdir / f"{instance}.log", "ab") as log:
             proc = subprocess.Popen([sys.executable, *(argv or ["-m", f"services.{service}"])],
                                     env=self.env(instance), stdout=log, stderr=log,
@@ -127,6 +150,13 @@ class Fleet:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
+        profiler = self.profilers.pop(instance, None)
+        if profiler is not None:
+            try:
+                profiler.wait(20)  # py-spy writes its output when the target exits
+            except subprocess.TimeoutExpired:
+                profiler.kill()
+                profiler.wait(5)
 
     def stop_all(self) -> None:
         for instance in list(self.procs):
@@ -216,7 +246,7 @@ async def kv_keys(js: Any, bucket: str, pattern: str = ">") -> dict[str, bytes]:
     try:
         kv = await js.key_value(f"{PREFIX}-{bucket}")
         watcher = await kv.watch(pattern, ignore_deletes=True)
-    except Exception:  # noqa: BLE001 - bucket not created yet
+    except Exception:  # bucket not created yet
         return {}
     out: dict[str, bytes] = {}
     try:
@@ -283,7 +313,7 @@ async def publish_apps(nc: Any, names: list[str], *, parallel: int = 32) -> None
 async def stream_messages(js: Any, stream: str) -> int:
     try:
         info = await js.stream_info(stream)
-    except Exception:  # noqa: BLE001 - not created yet
+    except Exception:  # not created yet
         return 0
     return int(info.state.messages)
 
@@ -339,7 +369,7 @@ def versions() -> dict[str, str]:
         out = subprocess.run([nats_server_binary(), "--version"], capture_output=True,
                              text=True, timeout=10, check=False).stdout.strip()
         server = out.split()[-1] if out else "?"
-    except Exception:  # noqa: BLE001
+    except Exception:
         server = "?"
     commit = "?"
     if shutil.which("git"):
@@ -347,7 +377,7 @@ def versions() -> dict[str, str]:
             commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                                     capture_output=True, text=True, timeout=5,
                                     check=False).stdout.strip() or "?"
-        except Exception:  # noqa: BLE001
+        except Exception:
             pass
     return {
         "python": platform.python_version(),
@@ -368,6 +398,8 @@ class Workdir:
     def __enter__(self) -> Path:
         return self.path
 
-    def __exit__(self, *exc: object) -> None:
-        if not self.keep:
+    def __exit__(self, kind: object, *exc: object) -> None:
+        if kind is not None:  # keep what explains a failure: service logs, plugin logs
+            print(f"bench: work directory kept for inspection: {self.path}", file=sys.stderr)
+        elif not self.keep:
             shutil.rmtree(self.path, ignore_errors=True)

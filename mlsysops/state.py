@@ -42,6 +42,9 @@ class StateView:
             maxlen=max(1, bus.settings.telemetry_history))
         self.telemetry_listeners: list[Any] = []
         self.app_listeners: list[Any] = []
+        # derived views, rebuilt only when what they come from changes
+        self._apps: list[str] | None = None
+        self._system: dict[str, Any] | None = None
 
     def tasks(self) -> list[Any]:
         tasks = [self.descs.run(), self.mechs.run()]
@@ -58,11 +61,18 @@ class StateView:
         if kind in ("app", "cluster", "node"):
             plugin_api.descriptions.set(kind, name, value.spec if value else None)
         if kind == "app":
+            self._apps = None
+        else:
+            self._system = None
+        if kind == "app":
             for listener in self.app_listeners:
                 listener(name, value)
 
     def apps(self) -> list[str]:
-        return sorted(k.partition(".")[2] for k in self.descs.keys() if k.startswith("app."))
+        if self._apps is None:
+            self._apps = sorted(k.partition(".")[2] for k in self.descs.keys()
+                                if k.startswith("app."))
+        return self._apps
 
     def app_description(self, app: str) -> list[dict[str, Any]]:
         """What a policy receives for one application (all of them for ``_global``)."""
@@ -75,6 +85,12 @@ class StateView:
         return out
 
     def system_description(self) -> dict[str, Any]:
+        """Clusters, nodes and energy profiles (a fresh copy for each policy call)."""
+        if self._system is None:
+            self._system = self._build_system()
+        return _copy(self._system)  # type: ignore[no-any-return]
+
+    def _build_system(self) -> dict[str, Any]:
         clusters = {k.partition(".")[2]: _copy(v.spec) for k, v in self.descs.items()
                     if k.startswith("cluster.")}
         nodes = {k.partition(".")[2]: _copy(v.spec) for k, v in self.descs.items()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import heapq
+import math
 import time
 from typing import Any
 
@@ -119,9 +120,16 @@ class Analyzer:
         heapq.heappush(self._heap, (at, pair))
 
     def _on_telemetry(self, snap: wire.Telemetry) -> None:
+        """Analyse now the pairs of telemetry-driven policies this snapshot concerns.
+
+        Samples labelled with ``app`` concern that application (and global policies);
+        a snapshot without such labels concerns every application.
+        """
+        apps = {s.labels["app"] for s in snap.samples if "app" in s.labels}
         now = time.monotonic()
         for pair, policy in self.pairs().items():
-            if policy.settings.on_telemetry:
+            if policy.settings.on_telemetry and (
+                    not apps or pair[1] in apps or pair[1] == subjects.GLOBAL_APP):
                 self._forced.add(pair)
                 self._schedule(pair, now)
         self._wake.set()
@@ -142,7 +150,7 @@ class Analyzer:
                 policy = pairs.get(pair)
                 if policy is None or pair in self._running:
                     continue
-                self._schedule(pair, now + policy.settings.interval)
+                self._schedule(pair, now + _until_next_slot(pair, policy.settings.interval))
                 forced = pair in self._forced
                 self._forced.discard(pair)
                 if self.owns(pair):
@@ -195,8 +203,10 @@ class Analyzer:
         if record.inflight:
             await self._maybe_republish(record)
             return
-        if not forced and wire.now() < record.last_eval + policy.settings.interval * 0.9:
-            return  # another replica evaluated this pair within the interval
+        interval = policy.settings.interval
+        if not forced and _slot(policy.name, app, interval, record.last_eval) == _slot(
+                policy.name, app, interval, wire.now()):
+            return  # another replica evaluated this pair in this interval
         outcome = await self._analyze(policy, app, record.context)
         if outcome is None:
             return
@@ -307,6 +317,23 @@ class Analyzer:
         await self.bus.publish(self.bus.subjects.verdict(app, policy.name), verdict,
                                msg_id=verdict.verdict_id)
         return {"accepted": True, "verdict_id": verdict.verdict_id}
+
+
+def _offset(policy: str, app: str, interval: float) -> float:
+    """A fixed phase per pair, so that pairs with one interval do not all run at once."""
+    digest = hashlib.blake2b(f"{policy}\x00{app}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big") / 2**32 * interval
+
+
+def _slot(policy: str, app: str, interval: float, at: float) -> int:
+    """The interval (by wall clock, the same on every replica) that time ``at`` falls in."""
+    return math.floor((at - _offset(policy, app, interval)) / interval)
+
+
+def _until_next_slot(pair: Pair, interval: float) -> float:
+    now = wire.now()
+    start = (_slot(pair[0], pair[1], interval, now) + 1) * interval + _offset(*pair, interval)
+    return max(0.0, start - now)
 
 
 def _score(pair: Pair, member: str) -> bytes:

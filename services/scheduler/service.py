@@ -119,14 +119,15 @@ class Scheduler:
         if stored is None:
             await self.bus.put_with_ttl(subjects.BUCKET_SCHED, f"plan.{plan.plan_id}",
                                         wire.encode(outcome), DECISIONS_TTL)
-        for request in outcome.requests:
-            await self.bus.publish(self.bus.subjects.exec(request.mechanism), request,
-                                   msg_id=request.exec_id)
-        for decision in outcome.decisions:
-            await self.bus.publish(self.bus.subjects.decision(decision.mechanism), decision,
-                                   msg_id=f"d-{plan.plan_id}.{decision.mechanism}")
+        # requests and decisions go out together; the plan is acked once all are stored
+        await asyncio.gather(
+            *(self.bus.publish(self.bus.subjects.exec(r.mechanism), r, msg_id=r.exec_id)
+              for r in outcome.requests),
+            *(self.bus.publish(self.bus.subjects.decision(d.mechanism), d,
+                               msg_id=f"d-{plan.plan_id}.{d.mechanism}")
+              for d in outcome.decisions))
         if outcome.requests:
-            await msg.ack_sync()
+            await msg.ack()  # a lost ack only means a redelivery, decided the same way
         else:
             await msg.term()
         http.LATENCY.labels("scheduler", "plan").observe(
