@@ -88,7 +88,7 @@ class StateView:
         """Clusters, nodes and energy profiles (a fresh copy for each policy call)."""
         if self._system is None:
             self._system = self._build_system()
-        return _copy(self._system)  # type: ignore[no-any-return]
+        return _copy(self._system)
 
     def _build_system(self) -> dict[str, Any]:
         clusters = {k.partition(".")[2]: _copy(v.spec) for k, v in self.descs.items()

@@ -8,7 +8,8 @@ server applies a CRD's structural schema:
   are not ``nullable``); a required field that is null is therefore an error;
 - ``integer`` takes integers only (not ``2.5``, not ``"2"``, not ``true``), ``number``
   takes integers and finite floats, ``string`` takes strings only, ``boolean`` takes
-  ``true``/``false`` only (not ``"True"``); integers must fit in 64 bits (numbers need only be finite);
+  ``true``/``false`` only (not ``"True"``); integers must fit in 64 bits (numbers need
+  only be finite);
 - enums are compared exactly (``OnFailure``, not ``on_failure``).
 
 YAML 1.1 boolean words (:class:`~mlsysops.descriptions.loading.YamlBoolWord`) are read as
