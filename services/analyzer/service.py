@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import heapq
-import math
 import time
 from typing import Any
 
@@ -150,15 +149,18 @@ class Analyzer:
                 policy = pairs.get(pair)
                 if policy is None or pair in self._running:
                     continue
-                self._schedule(pair, now + _until_next_slot(pair, policy.settings.interval))
                 forced = pair in self._forced
                 self._forced.discard(pair)
-                if self.owns(pair):
-                    self._running.add(pair)
-                    await self._slots.acquire()
-                    task = asyncio.ensure_future(self._evaluate_guarded(policy, pair, forced))
-                    self._evaluations.add(task)
-                    task.add_done_callback(self._evaluations.discard)
+                if not self.owns(pair):
+                    self._schedule(pair, now + policy.settings.interval)
+                    continue
+                await self._slots.acquire()
+                # the next evaluation is one interval after this one really starts
+                self._schedule(pair, time.monotonic() + policy.settings.interval)
+                self._running.add(pair)
+                task = asyncio.ensure_future(self._evaluate_guarded(policy, pair, forced))
+                self._evaluations.add(task)
+                task.add_done_callback(self._evaluations.discard)
             if self._apps_changed:
                 self._apps_changed = False
                 await self._cleanup()
@@ -203,10 +205,8 @@ class Analyzer:
         if record.inflight:
             await self._maybe_republish(record)
             return
-        interval = policy.settings.interval
-        if not forced and _slot(policy.name, app, interval, record.last_eval) == _slot(
-                policy.name, app, interval, wire.now()):
-            return  # another replica evaluated this pair in this interval
+        if not forced and wire.now() < record.last_eval + policy.settings.interval * 0.5:
+            return  # another replica evaluated this pair within this interval
         outcome = await self._analyze(policy, app, record.context)
         if outcome is None:
             return
@@ -317,23 +317,6 @@ class Analyzer:
         await self.bus.publish(self.bus.subjects.verdict(app, policy.name), verdict,
                                msg_id=verdict.verdict_id)
         return {"accepted": True, "verdict_id": verdict.verdict_id}
-
-
-def _offset(policy: str, app: str, interval: float) -> float:
-    """A fixed phase per pair, so that pairs with one interval do not all run at once."""
-    digest = hashlib.blake2b(f"{policy}\x00{app}".encode(), digest_size=4).digest()
-    return int.from_bytes(digest, "big") / 2**32 * interval
-
-
-def _slot(policy: str, app: str, interval: float, at: float) -> int:
-    """The interval (by wall clock, the same on every replica) that time ``at`` falls in."""
-    return math.floor((at - _offset(policy, app, interval)) / interval)
-
-
-def _until_next_slot(pair: Pair, interval: float) -> float:
-    now = wire.now()
-    start = (_slot(pair[0], pair[1], interval, now) + 1) * interval + _offset(*pair, interval)
-    return max(0.0, start - now)
 
 
 def _score(pair: Pair, member: str) -> bytes:
