@@ -24,8 +24,9 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
-from mlsysops import logs, subjects, wire
-from mlsysops.settings import Settings
+from mlsysops import logs, permissions, subjects, wire
+from mlsysops.errors import PermanentError
+from mlsysops.settings import Settings, redact_url
 
 log = logs.get(__name__)
 T = TypeVar("T")
@@ -61,6 +62,28 @@ def connect_options(s: Settings) -> dict[str, Any]:
     return opts
 
 
+class ConnectRefused(PermanentError):
+    """The server refused the credentials: retrying cannot help."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def _who(s: Settings) -> str:
+    if s.nats_user:
+        return f"the user {s.nats_user!r}"
+    if s.nats_token:
+        return "the token"
+    if s.nats_nkey_seed:
+        return f"the NKey in {s.nats_nkey_seed}"
+    if s.nats_creds:
+        return f"the credentials in {s.nats_creds}"
+    if s.nats_tls_cert:
+        return f"the client certificate {s.nats_tls_cert}"
+    return "an anonymous connection"
+
+
 class Bus:
     """One service's connection to NATS and JetStream."""
 
@@ -73,6 +96,7 @@ class Bus:
         self._js: JetStreamContext | None = None
         self._kv: dict[str, KeyValue] = {}
         self.connected = asyncio.Event()
+        self._refused = asyncio.Event()
         self._closing = False
 
     @property
@@ -90,18 +114,37 @@ class Bus:
             reraise=True,
         ):
             with attempt:
-                self.nc = await nats.connect(
-                    name=f"mlsysops-{self.service}-{self.instance}",
-                    error_cb=self._on_error,
-                    disconnected_cb=self._on_disconnect,
-                    reconnected_cb=self._on_reconnect,
-                    **opts,
-                )
+                self.nc = await self._connect_once(opts)
         assert self.nc is not None
         self._js = self.nc.jetstream(timeout=10)
+        await permissions.check(self.nc, self.service, self.settings.prefix)
         await self.ensure()
         self.connected.set()
-        log.info("connected", servers=opts["servers"], instance=self.instance)
+        log.info("connected", servers=[redact_url(u) for u in opts["servers"]],
+                 instance=self.instance)
+
+    async def _connect_once(self, opts: dict[str, Any]) -> Client:
+        """One connection; refused credentials stop at once (nats.py would retry for ever)."""
+        nc = Client()
+        self._refused = asyncio.Event()
+        task = asyncio.ensure_future(nc.connect(
+            name=f"mlsysops-{self.service}-{self.instance}", error_cb=self._on_error,
+            disconnected_cb=self._on_disconnect, reconnected_cb=self._on_reconnect, **opts))
+        refused = asyncio.ensure_future(self._refused.wait())
+        await asyncio.wait({task, refused}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            refused.cancel()
+            task.result()
+            return nc
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        with contextlib.suppress(Exception):
+            await nc.close()
+        raise ConnectRefused(f"NATS at {', '.join(redact_url(u) for u in opts['servers'])} "
+                             f"refused {_who(self.settings)} (Authorization Violation): check "
+                             "--nats-user/--nats-password, --nats-token, --nats-nkey-seed, "
+                             "--nats-creds or the client certificate")
 
     async def close(self) -> None:
         self._closing = True
@@ -114,6 +157,11 @@ class Bus:
                 await asyncio.wait_for(self.nc.close(), 5)
 
     async def _on_error(self, exc: Exception) -> None:
+        refused = isinstance(exc, nats.errors.AuthorizationError) or (
+            "authorization violation" in str(exc).lower())  # how nats.py reports it at connect
+        if refused and not self.connected.is_set():
+            self._refused.set()
+            return
         log.warning("nats error", error=str(exc))
 
     async def _on_disconnect(self) -> None:
@@ -187,7 +235,8 @@ class Bus:
         headers = {"Nats-Msg-Id": msg_id} if msg_id else None
         return await self.js.publish(subject, wire.encode(obj), headers=headers)
 
-    async def report(self, event: wire.ErrorEvent, *, subject_name: bool = True) -> None:
+    async def report(self, event: wire.ErrorEvent, *, subject_name: bool = True,
+                     msg_id: str | None = None) -> None:
         """Publish an error event on ``error.<kind>.<name>`` and log it; never raises.
 
         With ``subject_name=False`` the subject is ``error.<kind>`` (descriptions).
@@ -197,7 +246,7 @@ class Bus:
         log.error("reported", kind=event.kind, name=event.name, app=event.app, error=event.message)
         tokens = [event.kind, event.name] if event.name and subject_name else [event.kind]
         try:
-            await self.publish(self.subjects.error(*tokens), event)
+            await self.publish(self.subjects.error(*tokens), event, msg_id=msg_id)
         except Exception as exc:
             log.warning("could not publish error event", error=str(exc))
 

@@ -180,7 +180,7 @@ async def _request(cfg: settings_mod.Settings, subject: str, data: bytes, *, as_
     try:
         nc = await asyncio.wait_for(nats.connect(**opts, error_cb=quiet), 5)
     except (Exception, TimeoutError) as exc:
-        print(f"mlsysops: cannot connect to NATS at {cfg.nats_url}: "
+        print(f"mlsysops: cannot connect to NATS at {settings_mod.redact_url(cfg.nats_url)}: "
               f"{exc or 'no answer within 5 s'}", file=sys.stderr)
         return 4
     try:

@@ -15,6 +15,7 @@ import msgspec
 import yaml
 
 from mlsysops.descriptions import DescriptionResult
+from mlsysops.descriptions.loading import _screen
 from mlsysops.errors import BadInput
 from mlsysops.subjects import check_token
 from mlsysops.wire import FieldError
@@ -51,7 +52,11 @@ def validate_energy(name: str, payload: bytes, *, max_bytes: int = 65536) -> Des
     if len(payload) > max_bytes:
         return reject("$", f"an energy profile is at most {max_bytes} bytes, got {len(payload)}")
     try:
-        doc = yaml.safe_load(payload.decode("utf-8"))
+        text = payload.decode("utf-8")
+        _screen(text, 32)  # as for descriptions: no aliases, at most 32 levels
+        doc = yaml.safe_load(text)
+    except BadInput as exc:
+        return reject("$", exc.message)
     except (UnicodeDecodeError, yaml.YAMLError) as exc:
         return reject("$", f"not UTF-8 YAML or JSON: {exc}")
     try:

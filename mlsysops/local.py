@@ -116,7 +116,7 @@ def cmd_up(args: argparse.Namespace, cfg: settings_mod.Settings) -> int:
                                                       env.get("PYTHONPATH", "")]))
     supervisor = Supervisor(env, replicas)
     supervisor.start()
-    print(f"mlsysops: loop running on {cfg.nats_url} "
+    print(f"mlsysops: loop running on {settings_mod.redact_url(cfg.nats_url)} "
           f"(policies {cfg.policy_dir}, mechanisms {cfg.mechanism_dir}); Ctrl-C stops it",
           file=sys.stderr)
     try:

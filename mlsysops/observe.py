@@ -21,7 +21,7 @@ import nats.js.api as api
 from mlsysops import subjects, wire
 from mlsysops.bus import Bus
 from mlsysops.errors import BadInput
-from mlsysops.settings import Settings
+from mlsysops.settings import Settings, redact_url
 
 
 async def _connect(cfg: Settings) -> Bus:
@@ -29,7 +29,8 @@ async def _connect(cfg: Settings) -> Bus:
     try:
         await asyncio.wait_for(bus.connect(), 10)
     except TimeoutError:
-        raise BadInput(f"cannot connect to NATS at {cfg.nats_url} within 10 s") from None
+        url = redact_url(cfg.nats_url)
+        raise BadInput(f"cannot connect to NATS at {url} within 10 s") from None
     return bus
 
 

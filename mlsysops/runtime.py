@@ -16,7 +16,7 @@ from typing import Protocol
 
 from mlsysops import http, logs, settings, subjects, wire
 from mlsysops.bus import Bus
-from mlsysops.errors import BadInput
+from mlsysops.errors import BadInput, PermanentError
 
 HEARTBEAT_EVERY = 5.0
 HEARTBEAT_TTL = 15.0
@@ -54,7 +54,23 @@ async def run(bus: Bus, build: Callable[[Bus], Service]) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await bus.connect()
+    connecting = asyncio.ensure_future(bus.connect())
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not connecting.done():  # SIGTERM while the server is unreachable
+        connecting.cancel()
+        await asyncio.gather(connecting, return_exceptions=True)
+        await bus.close()
+        log.info("stopped before connecting")
+        return 0
+    stopping.cancel()
+    try:
+        connecting.result()
+    except PermanentError as exc:  # refused credentials, missing permissions
+        log.error("cannot start", error=str(exc))
+        print(f"mlsysops-{bus.service}: {exc}", file=sys.stderr)
+        await bus.close()
+        return 3
     service = build(bus)
     port = bus.settings.http_port
     if port < 0:

@@ -87,6 +87,11 @@ class Settings:
         return {env_name(f.name): str(getattr(self, f.name)) for f in fields(self)}
 
 
+def redact_url(text: str) -> str:
+    """``text`` with the credentials of any URL in it replaced (nats://user:pass@host)."""
+    return _URL_CREDENTIALS.sub(r"\1***@", text)
+
+
 def env_name(name: str) -> str:
     return "MLSYSOPS_" + name.upper()
 

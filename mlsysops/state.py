@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 from typing import Any
 
-from mlsysops import logs, plugin_api, subjects, wire
+from mlsysops import inbound, logs, plugin_api, subjects, wire
 from mlsysops.bus import Bus, KVCache
 
 log = logs.get(__name__)
@@ -110,11 +111,17 @@ class StateView:
     async def _follow_telemetry(self) -> None:
         await self._load_history()
         sub = await self.bus.nc.subscribe(self.bus.subjects.wildcard("telemetry"))  # type: ignore[union-attr]
+        limit = max(self.bus.settings.max_payload * 2, 1_048_576)  # the stream's max_msg_size
         async for msg in sub.messages:
             try:
-                snap = wire.TELEMETRY.decode(msg.data)
-            except Exception as exc:
-                log.warning("undecodable telemetry", error=str(exc))
+                snap = inbound.telemetry(msg.subject, msg.data, self.bus.subjects, limit)
+            except inbound.Refused as exc:
+                # every replica sees the snapshot: one event, de-duplicated by its id
+                digest = hashlib.blake2b(msg.subject.encode() + msg.data, digest_size=10)
+                await self.bus.report(wire.ErrorEvent(
+                    kind="telemetry", name=msg.subject.rsplit(".", 1)[-1],
+                    message=f"telemetry {exc.message}; dropped", details={"subject": msg.subject}),
+                    msg_id="e-" + digest.hexdigest())
                 continue
             self.snapshots.append(snap)
             for listener in self.telemetry_listeners:
@@ -131,7 +138,8 @@ class StateView:
         for seq in range(max(first, last - self.snapshots.maxlen + 1), last + 1):  # type: ignore[operator]
             try:
                 raw = await self.bus.js.get_msg(stream, seq)
-                self.snapshots.append(wire.TELEMETRY.decode(raw.data or b""))
+                self.snapshots.append(inbound.telemetry(raw.subject or "", raw.data or b"",
+                                                        self.bus.subjects, 1 << 62))
             except Exception:
                 continue
 

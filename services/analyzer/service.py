@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 import nats.js.errors as jserr
 
-from mlsysops import http, logs, subjects, wire
+from mlsysops import http, inbound, logs, subjects, wire
 from mlsysops.bus import Bus, KVCache
 from mlsysops.errors import PluginError
 from mlsysops.policies import check_context, check_result
@@ -290,8 +290,11 @@ class Analyzer:
         """Issue a verdict for (policy, app) now; plan() sees ``context["trigger"]``."""
         try:
             params = msgspec.json.decode(data or b"{}").get("params", {})
-        except (msgspec.DecodeError, AttributeError):
+        except (msgspec.DecodeError, AttributeError, UnicodeDecodeError, RecursionError):
             return {"accepted": False, "error": 'the payload must be JSON like {"params": {...}}'}
+        if inbound.depth(params) > inbound.MAX_DEPTH:
+            return {"accepted": False,
+                    "error": f"params nested deeper than the limit of {inbound.MAX_DEPTH} levels"}
         policy = self.host.get(policy_name)
         if policy is None or policy.quarantined:
             return {"accepted": False, "error": f"policy {policy_name!r} is not loaded"}

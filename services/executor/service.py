@@ -22,7 +22,7 @@ import msgspec
 import nats.js.errors as jserr
 from nats.aio.msg import Msg
 
-from mlsysops import logs, subjects, wire
+from mlsysops import inbound, logs, subjects, wire
 from mlsysops.bus import Bus
 from mlsysops.consumer import consume
 from mlsysops.errors import PluginError
@@ -65,10 +65,11 @@ class Executor:
     # ------------------------------------------------------------ one request
     async def handle(self, msg: Msg) -> None:
         try:
-            request = wire.EXEC_REQUEST.decode(msg.data)
-        except msgspec.DecodeError as exc:
+            request = inbound.exec_request(msg.subject, msg.data, self.bus.subjects)
+        except inbound.Refused as exc:
             await self.bus.report(wire.ErrorEvent(kind="service", name="executor",
-                                                  message=f"undecodable request dropped: {exc}"))
+                                                  message=f"{exc.message}; dropped",
+                                                  details={"subject": msg.subject}))
             await msg.term()
             return
         ledger = self.bus.kv(subjects.BUCKET_LEDGER)

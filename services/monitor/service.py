@@ -75,7 +75,13 @@ class Monitor:
             reply = wire.DescReply(accepted=False, kind=kind, name=name, errors=[wire.FieldError(
                 "$", f"unknown description kind {kind!r}: use one of {known}")])
         else:
-            reply = await self._store(kind, name, msg.data)
+            try:
+                reply = await self._store(kind, name, msg.data)
+            except Exception as exc:  # a bug must refuse one description, not leave no answer
+                log.error("description intake failed", subject=msg.subject, error=repr(exc),
+                          exc_info=exc)
+                reply = wire.DescReply(accepted=False, kind=kind, name=name, errors=[
+                    wire.FieldError("$", f"internal error while storing: {exc!r}")])
         if not reply.accepted:
             await self.bus.report(wire.ErrorEvent(
                 kind="desc", name=name, message=f"{kind} {name!r} rejected: " + "; ".join(

@@ -16,7 +16,7 @@ import msgspec
 import nats.js.errors as jserr
 from nats.aio.msg import Msg
 
-from mlsysops import logs, subjects, wire
+from mlsysops import inbound, logs, subjects, wire
 from mlsysops.bus import Bus
 from mlsysops.consumer import consume
 from mlsysops.errors import PluginError
@@ -55,10 +55,11 @@ class Planner:
 
     async def handle(self, msg: Msg) -> None:
         try:
-            verdict = wire.VERDICT.decode(msg.data)
-        except msgspec.DecodeError as exc:
+            verdict = inbound.verdict(msg.subject, msg.data, self.bus.subjects)
+        except inbound.Refused as exc:
             await self.bus.report(wire.ErrorEvent(kind="service", name="planner",
-                                                  message=f"undecodable verdict dropped: {exc}"))
+                                                  message=f"{exc.message}; dropped",
+                                                  details={"subject": msg.subject}))
             await msg.term()
             return
         log_ = log.bind(policy=verdict.policy, app=verdict.app, verdict_id=verdict.verdict_id)

@@ -18,13 +18,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import msgspec
 import nats.errors
 import nats.js.api as api
 import nats.js.errors as jserr
 from nats.aio.msg import Msg
 
-from mlsysops import http, logs, subjects, wire
+from mlsysops import http, inbound, logs, subjects, wire
 from mlsysops.bus import Bus
 from mlsysops.errors import PluginError
 from mlsysops.mechhost import MechanismHost, claim_key
@@ -108,10 +107,11 @@ class Scheduler:
     async def handle(self, msg: Msg) -> None:
         started = asyncio.get_running_loop().time()
         try:
-            plan = wire.PLAN.decode(msg.data)
-        except msgspec.DecodeError as exc:
+            plan = inbound.plan(msg.subject, msg.data, self.bus.subjects)
+        except inbound.Refused as exc:
             await self.bus.report(wire.ErrorEvent(kind="service", name="scheduler",
-                                                  message=f"undecodable plan dropped: {exc}"))
+                                                  message=f"{exc.message}; dropped",
+                                                  details={"subject": msg.subject}))
             await msg.term()
             return
         stored = await self._stored(plan.plan_id)
