@@ -8,7 +8,11 @@ A policy or mechanism plugin is a plain Python file. It needs nothing from here 
 - :data:`descriptions`, a read-only view of the accepted application, cluster and node
   descriptions, kept current by the service that hosts the plugin;
 - :func:`setting` to read a deployment setting (``MLSYSOPS_<NAME>`` in the environment);
-- :class:`MechanismError` to fail an ``apply`` with a clear message.
+- :class:`MechanismError` to fail an ``apply`` with a clear message;
+- ``strategies`` and ``strategy_inputs``: the placement and scaling strategies
+  (:mod:`mlsysops.strategies`) and the helpers that turn policy arguments into their
+  inputs, imported on first use (they bring SciPy, which services without such a policy
+  should not pay for).
 """
 
 from __future__ import annotations
@@ -20,7 +24,19 @@ from typing import Any
 
 import structlog
 
-__all__ = ["DescriptionView", "MechanismError", "descriptions", "get_logger", "setting"]
+__all__ = ["DescriptionView", "MechanismError", "descriptions", "get_logger", "setting",
+           "strategies", "strategy_inputs"]
+
+
+def __getattr__(name: str) -> Any:
+    """Import the strategy modules lazily (PEP 562)."""
+    if name == "strategies":
+        import mlsysops.strategies as module
+    elif name == "strategy_inputs":
+        import mlsysops.strategies.inputs as module
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return module
 
 
 class MechanismError(Exception):
