@@ -24,19 +24,18 @@ from typing import Any
 
 import structlog
 
-__all__ = ["DescriptionView", "MechanismError", "descriptions", "get_logger", "setting",
-           "strategies", "strategy_inputs"]
+__all__ = ["DescriptionView", "MechanismError", "descriptions", "get_logger", "setting"]
+
+_LAZY = {"strategies": "mlsysops.strategies", "strategy_inputs": "mlsysops.strategies.inputs"}
 
 
 def __getattr__(name: str) -> Any:
-    """Import the strategy modules lazily (PEP 562)."""
-    if name == "strategies":
-        import mlsysops.strategies as module
-    elif name == "strategy_inputs":
-        import mlsysops.strategies.inputs as module
-    else:
+    """``strategies`` and ``strategy_inputs``, imported on first use (PEP 562)."""
+    if name not in _LAZY:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return module
+    import importlib
+
+    return importlib.import_module(_LAZY[name])
 
 
 class MechanismError(Exception):
