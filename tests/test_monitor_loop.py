@@ -43,7 +43,7 @@ async def _context(url: str, key: str) -> dict:
         kv = await nc.jetstream().key_value("mlsysops-context")
         try:
             entry = await kv.get(key)
-        except Exception:  # noqa: BLE001 - not yet
+        except Exception:
             return {}
         import json
 

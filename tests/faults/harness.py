@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import json
 import subprocess
 import sys
@@ -123,11 +124,12 @@ class Recorder:
         times = [r["t"] for r in self.lines() if r["t"] > since]
         return min(times) - since if times else None
 
-    def apps_after(self, since: float) -> dict[str, float]:
-        """Per application, seconds from ``since`` to its first apply finished after it."""
+    def apps_after(self, since: float, *, started: bool = False) -> dict[str, float]:
+        """Per application, seconds from ``since`` to its first apply finished after it
+        (``started``: to the end of its first apply that started after it)."""
         out: dict[str, float] = {}
         for r in self.lines():
-            if r["t"] > since:
+            if r["t0" if started else "t"] > since:
                 app = r["command"].get("app")
                 out[app] = min(out.get(app, float("inf")), r["t"] - since)
         return out
@@ -163,7 +165,7 @@ class Load:
         self.telemetry_every, self.app_every = telemetry_every, app_every
         self.new_apps, self.prefix = new_apps, prefix
         self.accepted: dict[str, float] = {}   # application -> when the monitor accepted it
-        self.refused: list[str] = []           # attempts without an accepting reply
+        self.refused: list[str] = []           # attempts without a reply (monitor or broker down)
         self.telemetry_sent = self.telemetry_failed = 0
         self.last_load = 0.0
         self._tasks: list[asyncio.Task[None]] = []
@@ -175,12 +177,15 @@ class Load:
                        asyncio.ensure_future(self._descriptions())]
 
     async def stop(self) -> None:
+        """Stop publishing and disconnect (safe to call twice)."""
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
         if self.nc is not None:
             with contextlib.suppress(Exception):
                 await self.nc.close()
+            self.nc = None
 
     async def _telemetry(self) -> None:
         js = self.nc.jetstream(timeout=1)
@@ -284,7 +289,7 @@ def exactly_once(trace: Trace, rec: Recorder, mechanism: str = "rec") -> tuple[l
     problems: list[str] = []
     scheduled = trace.scheduled(mechanism)
     counts = rec.counts()
-    interrupted = 0
+    interrupted = applied_anyway = 0
     for plan_id in scheduled:
         result = trace.results.get(plan_id)
         n = counts.get(plan_id, 0)
@@ -295,10 +300,13 @@ def exactly_once(trace: Trace, rec: Recorder, mechanism: str = "rec") -> tuple[l
                 problems.append(f"{plan_id}: result applied but recorded {n} times")
         elif INTERRUPTED in result["error"]:
             interrupted += 1
+            applied_anyway += n
             if n > 1:
                 problems.append(f"{plan_id}: interrupted but recorded {n} times")
         elif n:
             problems.append(f"{plan_id}: failed ({result['error']}) but recorded {n} times")
+    for plan_id in trace.results.keys() - scheduled.keys():
+        problems.append(f"{plan_id}: a result without a scheduled decision")
     for plan_id, n in counts.items():
         if plan_id not in scheduled:
             problems.append(f"{plan_id}: applied {n} times without a scheduled decision")
@@ -306,6 +314,7 @@ def exactly_once(trace: Trace, rec: Recorder, mechanism: str = "rec") -> tuple[l
             problems.append(f"{plan_id}: applied {n} times")
     summary = {"plans": len(trace.plans), "scheduled": len(scheduled),
                "applied": sum(counts.values()), "interrupted": interrupted,
+               "interrupted but applied": applied_anyway,
                "discarded": sum(d["outcome"] == "discarded" for _, d in trace.decisions)}
     return problems, summary
 
@@ -321,8 +330,7 @@ def decided_in_stream_order(trace: Trace) -> list[str]:
         problems.append(f"{len(missing)} plans never decided: {missing[:5]}")
     decided = [(pseq, p, *first[p["plan_id"]]) for pseq, p in trace.plans
                if p["plan_id"] in first]
-    for (pseq0, p0, dseq0, d0), (pseq1, p1, dseq1, d1) in zip(decided, decided[1:],
-                                                                strict=False):
+    for (pseq0, p0, dseq0, d0), (pseq1, p1, dseq1, d1) in itertools.pairwise(decided):
         if dseq1 < dseq0:
             problems.append(
                 f"plan {p1['plan_id']} (plans seq {pseq1}, {p1['app']}) was decided at "
@@ -336,45 +344,60 @@ def conflicts(trace: Trace, rec: Recorder, exec_timeout: float,
               mechanism: str = "rec") -> list[str]:
     """Problems with "first plan per conflict key wins until its execution ends".
 
-    Per conflict key, in decision order: a ``discarded`` decision must name as holder the
-    last plan scheduled on that key, whose execution had not ended; a ``scheduled`` one
-    must come after the previous scheduled execution ended (or its claim expired), and
-    two executions of one key never overlap.
+    Per conflict key: a plan is scheduled only once the execution scheduled before it
+    ended (or its claim expired), so two executions never overlap; a ``discarded``
+    decision names as holder a plan scheduled on the same key, ahead of it in the plans
+    stream or decided before it, whose claim had not expired and whose execution the
+    executor had not yet recorded as ended (its result's ``finished_at``; the scheduler
+    reads the ledger, which the executor writes right after).
     """
     problems: list[str] = []
     runs = {r["command"]["_plan_id"]: (r["t0"], r["t"]) for r in rec.lines()}
+    position = {p["plan_id"]: seq for seq, p in trace.plans}
+    inf = float("inf")
+
+    def recorded_end(plan_id: str) -> float:  # as the scheduler can know it
+        result = trace.results.get(plan_id)
+        return float(result["finished_at"]) if result else inf
+
+    def actual_end(plan_id: str) -> float:  # when apply really returned
+        return runs[plan_id][1] if plan_id in runs else recorded_end(plan_id)
+
     by_key: dict[str, list[dict[str, Any]]] = {}
     for _, d in trace.decisions:
         if d["mechanism"] == mechanism:
             by_key.setdefault(d["conflict_key"], []).append(d)
     slack = 1.0  # the scheduler reads the ledger just after stamping decided_at
     for key, decisions in by_key.items():
+        scheduled = {d["plan_id"]: d for d in decisions if d["outcome"] == "scheduled"}
         last: dict[str, Any] | None = None
         for d in sorted(decisions, key=lambda d: d["decided_at"]):
-            if last is None:
-                if d["outcome"] == "scheduled":
-                    last = d
-                continue
-            held_until = runs.get(last["plan_id"], (0.0, float("inf")))[1]
-            live = (d["decided_at"] < last["decided_at"] + exec_timeout
-                    and held_until > d["decided_at"] - slack)
             if d["outcome"] == "discarded":
-                if d["holder"] != last["plan_id"]:
+                holder = scheduled.get(d["holder"] or "")
+                if holder is None:
                     problems.append(f"{key}: {d['plan_id']} discarded naming {d['holder']}, "
-                                    f"but the claim was {last['plan_id']}'s")
-                elif not live:
-                    problems.append(f"{key}: {d['plan_id']} discarded at {d['decided_at']:.3f}"
-                                    f" but {last['plan_id']} had ended at {held_until:.3f}")
+                                    "which was not scheduled on that key")
+                    continue
+                ahead = (position.get(holder["plan_id"], 0) < position.get(d["plan_id"], 0)
+                         or holder["decided_at"] < d["decided_at"])
+                ended = recorded_end(holder["plan_id"])
+                expired = d["decided_at"] > holder["decided_at"] + exec_timeout + slack
+                if not ahead or expired or ended < d["decided_at"] - slack:
+                    problems.append(f"{key}: {d['plan_id']} discarded at {d['decided_at']:.3f} "
+                                    f"naming {holder['plan_id']} (ahead: {ahead}, claim "
+                                    f"expired: {expired}), whose execution was recorded "
+                                    f"ended at {ended:.3f}")
                 continue
-            expired = d["decided_at"] >= last["decided_at"] + exec_timeout
-            ended = held_until < d["decided_at"] + slack
-            if not (expired or ended):
-                problems.append(f"{key}: {d['plan_id']} scheduled at {d['decided_at']:.3f} while "
-                                f"{last['plan_id']} held it until {held_until:.3f}")
-            mine = runs.get(d["plan_id"])
-            if mine and not expired and mine[0] < held_until:
-                problems.append(f"{key}: executions of {last['plan_id']} and {d['plan_id']} "
-                                "overlap")
+            if last is not None:
+                held_until = actual_end(last["plan_id"])
+                expired = d["decided_at"] >= last["decided_at"] + exec_timeout
+                if not expired and held_until >= d["decided_at"] + slack:
+                    problems.append(f"{key}: {d['plan_id']} scheduled at {d['decided_at']:.3f} "
+                                    f"while {last['plan_id']} held it until {held_until:.3f}")
+                mine = runs.get(d["plan_id"])
+                if mine and not expired and mine[0] < held_until:
+                    problems.append(f"{key}: executions of {last['plan_id']} and "
+                                    f"{d['plan_id']} overlap")
             last = d
     return problems
 

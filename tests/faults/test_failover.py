@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import nats
@@ -61,23 +60,28 @@ async def test_standby_takes_over_when_the_active_is_killed(process_loop, cfg,
     load = h.Load(url, new_apps=2, app_every=3.0)
     await load.start()
     figures: dict[str, Any] = {}
+    kills: list[tuple[str, float]] = []
     try:
         for round_ in (1, 2):
-            await asyncio.sleep(2.5)
+            await asyncio.sleep(2.0)
             active = await kit.wait_for(lambda: leader(url), what="an active scheduler")
             standby = next(i for i in REPLICAS if i != active)
             killed = time.time()
             process_loop.kill(REPLICAS[active])
+            kills.append((active, round(killed, 3)))
             await kit.wait_for(lambda s=standby: _is(url, s), timeout=15,
                                what=f"{standby} taking the lease")
             took_over = time.time() - killed
-            first = await kit.wait_for(lambda: rec.first_after(killed + took_over), timeout=15,
-                                       what="an apply after the takeover")
-            await h.wait_apps(rec, APPS, killed, timeout=30)
+            # applies that start after the takeover were decided by the new active replica
+            since = killed + took_over
+            await kit.wait_for(lambda s=since: APPS <= set(rec.apps_after(s, started=True)),
+                               timeout=30, what="every application applied after the takeover")
+            after = {a: v + took_over for a, v in rec.apps_after(since, started=True).items()}
             figures[f"failover {round_}: lease taken over after (s)"] = round(took_over, 2)
-            figures[f"failover {round_}: first apply after takeover (s)"] = round(first, 2)
+            figures[f"failover {round_}: first apply decided by the new active, after kill (s)"] \
+                = round(min(after.values()), 2)
             figures[f"failover {round_}: every application applied again after kill (s)"] = \
-                round(max(v for a, v in rec.apps_after(killed).items() if a in APPS), 2)
+                round(max(after[a] for a in APPS), 2)
             # the killed replica comes back as the standby
             if REPLICAS[active] == "scheduler":
                 process_loop.start("scheduler")
@@ -93,10 +97,12 @@ async def test_standby_takes_over_when_the_active_is_killed(process_loop, cfg,
     order = h.decided_in_stream_order(trace)
     assert not [p for p in order if "never decided" in p], order
     clash = h.conflicts(trace, rec, process_loop.cfg.exec_timeout)
-    assert not clash, "\n".join(clash[:20])
+    assert not clash, "\n".join(clash[:5]) + f"\nkills: {kills}\n" + "\n".join(order[:5])
     held = [d for _, d in trace.decisions if d["holder"] and d["outcome"] == "discarded"]
     assert len(held) > 20  # the run did exercise conflicts
     summary["decided out of stream order"] = len(order)
+    if order:
+        summary["first out of order"] = order[0]
     h.report("two schedulers, the active killed twice", {**figures, "run": summary})
 
 
@@ -145,7 +151,8 @@ async def test_plan_order_survives_a_lost_lease(process_loop, cfg, plugin_dirs) 
         async def plan(n: int, slow: float = 0) -> None:
             p = wire.Plan(plan_id=f"P{n}", app="a", policy="p", created_at=wire.now(),
                           commands={"slowkey": {"n": n, "slow": slow}})
-            await js.publish("mlsysops.plan.a.p", wire.encode(p), headers={"Nats-Msg-Id": p.plan_id})
+            await js.publish("mlsysops.plan.a.p", wire.encode(p),
+                             headers={"Nats-Msg-Id": p.plan_id})
 
         await plan(1, slow=1.8)
         await kit.wait_for(lambda: mark.exists(), what="P1 being decided")
@@ -164,3 +171,22 @@ async def test_plan_order_survives_a_lost_lease(process_loop, cfg, plugin_dirs) 
 
 async def _decided(js: Any, n: int) -> bool:
     return await kit.stored(js, "EVENTS", "mlsysops.decision.slowkey") >= n
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "bug: services/scheduler/service.py Scheduler._lead acquires the lease with "
+    "put_with_ttl(last=0), which fails for ever once the key holds a delete marker: after "
+    "`nats kv del mlsysops-leases leader.scheduler` no replica ever becomes active"))
+async def test_deleted_lease_is_taken_again(process_loop, cfg, plugin_dirs) -> None:
+    """An operator deletes the lease (to force a failover): a replica takes it again."""
+    process_loop.cfg = h.fast(cfg)
+    start_replicas(process_loop)
+    url = cfg.nats_url
+    await kit.wait_for(lambda: leader(url), what="an active scheduler")
+    nc = await nats.connect(url)
+    try:
+        await (await nc.jetstream().key_value("mlsysops-leases")).delete("leader.scheduler")
+    finally:
+        await nc.close()
+    # the lease TTL (5 s) and a retry (1 s) are enough
+    await kit.wait_for(lambda: leader(url), timeout=8, what="a scheduler active again")
