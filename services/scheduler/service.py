@@ -114,13 +114,18 @@ class Scheduler:
                                                   details={"subject": msg.subject}))
             await msg.term()
             return
-        stored = await self._stored(plan.plan_id)
+        # only a redelivered plan can have been decided before (by us or a dead leader)
+        redelivered = msg.metadata.num_delivered is None or msg.metadata.num_delivered > 1
+        stored = await self._stored(plan.plan_id) if redelivered else None
         outcome = stored if stored is not None else await self.decide(plan)
-        if stored is None:
-            await self.bus.put_with_ttl(subjects.BUCKET_SCHED, f"plan.{plan.plan_id}",
-                                        wire.encode(outcome), DECISIONS_TTL)
-        # requests and decisions go out together; the plan is acked once all are stored
+        # claims are written by decide(); the decisions record, the requests and the
+        # decisions go out together, and the plan is acked once all of them are stored.
+        # Deciding a plan again (say, a copy published under another message id) gives
+        # requests with the same ids, which JetStream drops, and the ledger applies once.
+        record = () if stored is not None else (self.bus.put_with_ttl(
+            subjects.BUCKET_SCHED, f"plan.{plan.plan_id}", wire.encode(outcome), DECISIONS_TTL),)
         await asyncio.gather(
+            *record,
             *(self.bus.publish(self.bus.subjects.exec(r.mechanism), r, msg_id=r.exec_id)
               for r in outcome.requests),
             *(self.bus.publish(self.bus.subjects.decision(d.mechanism), d,
