@@ -250,6 +250,13 @@ class Bus:
         except Exception as exc:
             log.warning("could not publish error event", error=str(exc))
 
+    async def drop(self, msg: Any, reason: str) -> None:
+        """Report a loop message that can never be handled, and terminate it (no redelivery)."""
+        await self.report(wire.ErrorEvent(kind="service", name=self.service,
+                                          message=f"{reason}; dropped",
+                                          details={"subject": msg.subject}))
+        await msg.term()
+
     async def put_with_ttl(
         self, role: str, key: str, value: bytes, ttl: float, last: int | None = None
     ) -> int:

@@ -67,10 +67,7 @@ class Executor:
         try:
             request = inbound.exec_request(msg.subject, msg.data, self.bus.subjects)
         except inbound.Refused as exc:
-            await self.bus.report(wire.ErrorEvent(kind="service", name="executor",
-                                                  message=f"{exc.message}; dropped",
-                                                  details={"subject": msg.subject}))
-            await msg.term()
+            await self.bus.drop(msg, exc.message)
             return
         ledger = self.bus.kv(subjects.BUCKET_LEDGER)
         key = f"{request.plan_id}.{request.mechanism}"

@@ -57,10 +57,7 @@ class Planner:
         try:
             verdict = inbound.verdict(msg.subject, msg.data, self.bus.subjects)
         except inbound.Refused as exc:
-            await self.bus.report(wire.ErrorEvent(kind="service", name="planner",
-                                                  message=f"{exc.message}; dropped",
-                                                  details={"subject": msg.subject}))
-            await msg.term()
+            await self.bus.drop(msg, exc.message)
             return
         log_ = log.bind(policy=verdict.policy, app=verdict.app, verdict_id=verdict.verdict_id)
         kv = self.bus.kv(subjects.BUCKET_CONTEXT)

@@ -109,10 +109,7 @@ class Scheduler:
         try:
             plan = inbound.plan(msg.subject, msg.data, self.bus.subjects)
         except inbound.Refused as exc:
-            await self.bus.report(wire.ErrorEvent(kind="service", name="scheduler",
-                                                  message=f"{exc.message}; dropped",
-                                                  details={"subject": msg.subject}))
-            await msg.term()
+            await self.bus.drop(msg, exc.message)
             return
         # only a redelivered plan can have been decided before (by us or a dead leader)
         redelivered = msg.metadata.num_delivered is None or msg.metadata.num_delivered > 1
