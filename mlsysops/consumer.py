@@ -92,3 +92,17 @@ async def _run(service: str, kind: str, handler: Callable[[Msg], Awaitable[None]
     finally:
         slots.release()
         http.LATENCY.labels(service, kind).observe(time.perf_counter() - started)
+
+
+async def keep_alive(msg: Msg, every: float) -> None:
+    """Tell JetStream, every ``every`` s, that ``msg`` is still being worked on.
+
+    Run it as a task beside a long handler: the ack wait can then stay short, so that a
+    message whose handler died is redelivered soon.
+    """
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await msg.in_progress()
+        except Exception:
+            return

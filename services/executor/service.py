@@ -21,16 +21,18 @@ from typing import Any, Literal
 import msgspec
 import nats.js.errors as jserr
 from nats.aio.msg import Msg
+from tenacity import AsyncRetrying, stop_after_delay, wait_exponential
 
 from mlsysops import inbound, logs, subjects, wire
 from mlsysops.bus import Bus
-from mlsysops.consumer import consume
+from mlsysops.consumer import consume, keep_alive
 from mlsysops.errors import PluginError
 from mlsysops.mechhost import MechanismHost
 from mlsysops.plugins import Plugin
 from mlsysops.state import StateView, mech_key
 
 log = logs.get(__name__)
+ACK_WAIT = 30.0  # redelivery of a request whose executor died (kept alive while applying)
 INTERRUPTED = ("interrupted: the executor stopped during apply; the outcome is unknown and "
                "the command is not applied again (mechanisms are best effort)")
 
@@ -60,7 +62,8 @@ class Executor:
     async def _consume(self) -> None:
         await self.mechanisms.loaded.wait()
         await self.state.wait_ready()
-        await consume(self.bus, "exec", "executor", self.handle, concurrency=16, ack_wait=30)
+        await consume(self.bus, "exec", "executor", self.handle, concurrency=16,
+                      ack_wait=ACK_WAIT)
 
     # ------------------------------------------------------------ one request
     async def handle(self, msg: Msg) -> None:
@@ -83,12 +86,30 @@ class Executor:
         result = await self._apply(request, msg)
         entry.state = result.outcome
         entry.finished_at, entry.error = result.finished_at, result.error
-        await ledger.update(key, wire.encode(entry), last=revision)
+        await self._record(msg, key, entry, revision)
         await self._publish_result(result)
         await msg.ack()
         plugin = self.mechanisms.get(request.mechanism)
         if plugin is not None:  # policies should see the new state soon
             await self._publish_status(request.mechanism, plugin)
+
+    async def _record(self, msg: Msg, key: str, entry: wire.LedgerEntry, revision: int) -> None:
+        """Store the outcome in the ledger, retrying (the outcome is known; never lose it)."""
+        ledger = self.bus.kv(subjects.BUCKET_LEDGER)
+        keepalive = asyncio.ensure_future(keep_alive(msg, 1.0))
+        try:
+            async for attempt in AsyncRetrying(wait=wait_exponential(multiplier=0.2, max=2),
+                                               stop=stop_after_delay(ACK_WAIT * 10),
+                                               reraise=True):
+                with attempt:
+                    try:
+                        await ledger.update(key, wire.encode(entry), last=revision)
+                    except jserr.KeyWrongLastSequenceError:
+                        found = await ledger.get(key)  # written by an earlier attempt?
+                        if wire.LEDGER.decode(found.value or b"").state == "started":
+                            raise
+        finally:
+            keepalive.cancel()
 
     async def _seen_before(self, request: wire.ExecRequest, key: str) -> None:
         """A redelivery: re-announce a finished result, or close an interrupted apply."""
@@ -110,7 +131,7 @@ class Executor:
         started = time.perf_counter()
         error = ""
         plugin = self.mechanisms.get(request.mechanism)
-        keepalive = asyncio.ensure_future(_keep_alive(msg))
+        keepalive = asyncio.ensure_future(keep_alive(msg, ACK_WAIT / 3))
         try:
             if plugin is None:
                 raise PluginError(request.mechanism, "mechanism is not loaded by this executor")
@@ -181,12 +202,3 @@ def _with_plan_id(request: wire.ExecRequest) -> Any:
     if isinstance(request.command, dict):
         return {**request.command, "_plan_id": request.plan_id}
     return request.command
-
-
-async def _keep_alive(msg: Msg, every: float = 5.0) -> None:
-    while True:
-        await asyncio.sleep(every)
-        try:
-            await msg.in_progress()
-        except Exception:
-            return

@@ -10,6 +10,7 @@ the stored plan (de-duplicated by JetStream) or makes it for the first time, nev
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import msgspec
@@ -18,13 +19,14 @@ from nats.aio.msg import Msg
 
 from mlsysops import inbound, logs, subjects, wire
 from mlsysops.bus import Bus
-from mlsysops.consumer import consume
+from mlsysops.consumer import consume, keep_alive
 from mlsysops.errors import PluginError
 from mlsysops.policies import check_context, check_plan, check_result
 from mlsysops.policyhost import PolicyHost
 from mlsysops.state import StateView
 
 log = logs.get(__name__)
+ACK_WAIT = 5.0  # a verdict whose planner died comes back this soon (kept alive meanwhile)
 
 
 class Planner:
@@ -50,8 +52,7 @@ class Planner:
     async def _consume(self) -> None:
         await self.host.loaded.wait()
         await self.state.wait_ready()
-        await consume(self.bus, "verdicts", "planner", self.handle,
-                      ack_wait=self.bus.settings.call_timeout * 2 + 10)
+        await consume(self.bus, "verdicts", "planner", self.handle, ack_wait=ACK_WAIT)
 
     async def handle(self, msg: Msg) -> None:
         try:
@@ -74,7 +75,7 @@ class Planner:
             return
         plan = record.outbox_plan
         if plan is None or plan.verdict_id != verdict.verdict_id:
-            made = await self._make_plan(verdict)
+            made = await self._make_plan(verdict, msg)
             if made is None:
                 await self._release(key, revision, record, record.context, None)
                 await msg.ack()
@@ -93,8 +94,11 @@ class Planner:
         await self._release(key, revision, record, record.context, plan.plan_id)
         await msg.ack()
 
-    async def _make_plan(self, verdict: wire.Verdict) -> tuple[wire.Plan, dict[str, Any]] | None:
+    async def _make_plan(self, verdict: wire.Verdict,
+                         msg: Msg) -> tuple[wire.Plan, dict[str, Any]] | None:
         policy = self.host.get(verdict.policy)
+        if policy is not None and policy.quarantined:
+            return None  # reported when it was quarantined; runs again when its file changes
         if policy is None:
             await self.bus.report(wire.ErrorEvent(
                 kind="policy", name=verdict.policy, app=verdict.app,
@@ -106,7 +110,12 @@ class Planner:
         args = (verdict.context, apps, self.state.system_description(), self.state.mechanisms(),
                 self.state.telemetry(), self.bus.settings.ml_connector_url or None)
         try:
-            result = await policy.plugin.call("plan", *args, timeout=self.bus.settings.call_timeout)
+            keepalive = asyncio.ensure_future(keep_alive(msg, ACK_WAIT / 3))
+            try:
+                result = await policy.plugin.call("plan", *args,
+                                                  timeout=self.bus.settings.call_timeout)
+            finally:
+                keepalive.cancel()
             commands, context = check_result(policy.name, "plan", result)
             commands = check_plan(policy.name, commands)
             check_context(policy.name, context, what="plan()")

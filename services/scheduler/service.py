@@ -62,8 +62,7 @@ class Scheduler:
         value = wire.encode({"instance": self.bus.instance})
         while True:
             try:
-                revision = await self.bus.put_with_ttl(subjects.BUCKET_LEASES, LEASE_KEY, value,
-                                                       LEASE_TTL, last=0)
+                revision = await self._take_lease(value)
             except Exception:
                 await asyncio.sleep(RENEW_EVERY)
                 continue
@@ -71,11 +70,15 @@ class Scheduler:
             self.active = True
             worker = asyncio.ensure_future(self._consume())
             try:
-                while not worker.done():
+                while True:
                     await asyncio.sleep(RENEW_EVERY)
                     revision = await self.bus.put_with_ttl(
                         subjects.BUCKET_LEASES, LEASE_KEY, value, LEASE_TTL, last=revision)
-                worker.result()
+                    if worker.done():  # a transient error (broker away): start again, still
+                        log.warning("scheduler worker stopped; restarting",  # holding the lease
+                                    error=repr(worker.exception()) if not worker.cancelled()
+                                    else "cancelled")
+                        worker = asyncio.ensure_future(self._consume())
             except Exception as exc:
                 log.warning("scheduler lease lost; standing by", error=repr(exc))
             finally:
@@ -83,17 +86,35 @@ class Scheduler:
                 worker.cancel()
                 await asyncio.gather(worker, return_exceptions=True)
 
+    async def _take_lease(self, value: bytes) -> int:
+        """Create the lease; also over a delete marker left by an operator's ``kv del``."""
+        try:
+            return await self.bus.put_with_ttl(subjects.BUCKET_LEASES, LEASE_KEY, value,
+                                               LEASE_TTL, last=0)
+        except jserr.KeyWrongLastSequenceError:
+            try:
+                await self.bus.kv(subjects.BUCKET_LEASES).get(LEASE_KEY)
+            except (jserr.KeyDeletedError, jserr.KeyNotFoundError) as gone:
+                entry = getattr(gone, "entry", None)
+                if entry is None or not entry.revision:
+                    raise
+                return await self.bus.put_with_ttl(subjects.BUCKET_LEASES, LEASE_KEY, value,
+                                                   LEASE_TTL, last=entry.revision)
+            raise  # held by a live replica
+
     # ------------------------------------------------------------ ordered consumption
     async def _consume(self) -> None:
         config = api.ConsumerConfig(
             durable_name="scheduler", ack_policy=api.AckPolicy.EXPLICIT, ack_wait=LEASE_TTL,
-            max_ack_pending=64, deliver_policy=api.DeliverPolicy.ALL)
+            # one plan at a time: a plan held by a replica that lost its lease must come
+            # back before any later plan is decided, or order breaks on failover
+            max_ack_pending=1, deliver_policy=api.DeliverPolicy.ALL)
         sub = await self.bus.js.pull_subscribe("", durable="scheduler",
                                                stream=self.bus.subjects.stream("plans"),
                                                config=config)
         while True:
             try:
-                batch = await sub.fetch(64, timeout=2)
+                batch = await sub.fetch(1, timeout=2)
             except (nats.errors.TimeoutError, TimeoutError):
                 continue
             for i, msg in enumerate(batch):

@@ -125,11 +125,6 @@ def apply(command):
 '''
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: services/scheduler/service.py Scheduler._consume uses max_ack_pending=64, so a "
-    "plan delivered to a scheduler that loses its lease (killed, paused, or a failed "
-    "renewal) stays pending for ack_wait while the next active scheduler is served the "
-    "later plans first: plans are not decided in stream order across a failover"))
 async def test_plan_order_survives_a_lost_lease(process_loop, cfg, plugin_dirs) -> None:
     """The active scheduler loses its lease while deciding a plan: the next plans wait.
 
@@ -173,10 +168,6 @@ async def _decided(js: Any, n: int) -> bool:
     return await kit.stored(js, "EVENTS", "mlsysops.decision.slowkey") >= n
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: services/scheduler/service.py Scheduler._lead acquires the lease with "
-    "put_with_ttl(last=0), which fails for ever once the key holds a delete marker: after "
-    "`nats kv del mlsysops-leases leader.scheduler` no replica ever becomes active"))
 async def test_deleted_lease_is_taken_again(process_loop, cfg, plugin_dirs) -> None:
     """An operator deletes the lease (to force a failover): a replica takes it again."""
     process_loop.cfg = h.fast(cfg)

@@ -72,12 +72,6 @@ async def test_executor_killed_inside_apply(process_loop, cfg, plugin_dirs) -> N
         "result": result["error"]})
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: services/executor/service.py Executor.handle does not retry the ledger update "
-    "after a successful apply; when that JetStream write fails (the broker stopping, as in "
-    "test_broker_restart), the known outcome is dropped, the request waits for its 30-s "
-    "ack wait and is then reported failed 'interrupted ... outcome unknown', and the claim "
-    "stays held meanwhile"))
 async def test_applied_execution_survives_a_failed_ledger_write(process_loop, cfg,
                                                                plugin_dirs) -> None:
     """``apply`` succeeded but recording it failed once: the result must still be applied."""
