@@ -13,7 +13,6 @@ plugins, the bundled NATS (started for real from the rendered configuration) and
 from __future__ import annotations
 
 import asyncio
-import importlib
 import json
 import re
 import shlex
@@ -228,11 +227,8 @@ def test_chart_crds_are_valid_kubernetes(chart: helm_python.Chart) -> None:
 
 
 def test_chart_crds_match_the_description_types() -> None:
-    descriptions = importlib.import_module("mlsysops.descriptions")
-    crd_manifests = getattr(descriptions, "crd_manifests", None)
-    if crd_manifests is None:
-        pytest.skip("mlsysops.descriptions.crd_manifests() does not exist yet: the chart's "
-                    "CRDs cannot be compared with the description types")
+    from mlsysops.descriptions import crd_manifests
+
     expected = crd_manifests()
     if isinstance(expected, str):
         expected = [doc for doc in yaml.safe_load_all(expected) if doc]
@@ -968,10 +964,8 @@ def test_helm_test_uses_what_the_image_and_the_cli_provide() -> None:
         assert (ROOT / relative).is_file(), f"{relative} is not in the project"
     app = yaml.safe_load((ROOT / "examples" / "app.yaml").read_text())
     assert app["MLSysOpsApp"]["name"] == defaults["app"]
-    try:
-        cli = importlib.import_module("mlsysops.cli")
-    except ImportError as exc:
-        pytest.skip(f"mlsysops.cli cannot be imported yet: {exc}")
+    from mlsysops import cli
+
     assert {d["kind"] for d in defaults["descriptions"]} <= set(cli.NAME_FIELDS)
 
 
