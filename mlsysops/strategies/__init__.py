@@ -39,6 +39,8 @@ from mlsysops.strategies.options import (
     PlacementWeights,
     ScalingWeights,
     StrategyError,
+    apply_overrides,
+    configuration,
     duration,
     merge,
 )
@@ -84,6 +86,8 @@ __all__ = [
     "Strategy",
     "StrategyError",
     "Target",
+    "apply_overrides",
+    "configuration",
     "cost_per_watt",
     "create_placement",
     "create_scaling",

@@ -9,7 +9,7 @@ that names the key, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
@@ -36,6 +36,37 @@ def merge(*layers: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 T = TypeVar("T")
+
+
+def configuration(context: Mapping[str, Any], overridable: tuple[str, ...]) -> dict[str, Any]:
+    """A policy's deployment settings (its context keys) with the application's overrides."""
+    base = {key: context.get(key) for key in overridable}
+    return merge(base, context.get("overrides") or {})
+
+
+def apply_overrides(context: dict[str, Any], params: Any, overridable: tuple[str, ...],
+                    check: Callable[[dict[str, Any]], object]) -> str | None:
+    """Keep trigger ``params`` as the application's overrides in ``context``.
+
+    ``{"reset": true}`` drops earlier overrides. The merged configuration is passed to
+    ``check`` (which raises :class:`StrategyError`) before anything is kept, so a bad
+    name, weight or interval never sticks. Returns the refusal message, or None.
+    """
+    params = params if isinstance(params, dict) else {}
+    if params.get("reset"):
+        context["overrides"] = {}
+    unknown = sorted(set(params) - set(overridable) - {"reset"})
+    if unknown:
+        return (f"trigger params: unknown key(s) {', '.join(unknown)} "
+                f"(known: {', '.join(overridable)}, reset)")
+    overrides = merge(context.get("overrides") or {},
+                      {k: v for k, v in params.items() if k != "reset"})
+    try:
+        check(configuration({**context, "overrides": overrides}, overridable))
+    except StrategyError as exc:
+        return f"trigger params refused: {exc}"
+    context["overrides"] = overrides
+    return None
 
 
 def _number(where: str, value: Any, *, low: float = 0.0, high: float = math.inf) -> float:

@@ -104,31 +104,20 @@ def plan(context, application_description, system_description, mechanisms, telem
 
 # --------------------------------------------------------------------------- helpers
 def _config(context):
-    base = {key: context.get(key) for key in OVERRIDABLE}
-    return st.merge(base, context.get("overrides") or {})
+    """The deployment configuration with this application's overrides on top."""
+    return st.configuration(context, OVERRIDABLE)
 
 
 def _apply_trigger(context, params):
-    if not isinstance(params, dict):
-        params = {}
-    if params.get("reset"):
-        context["overrides"] = {}
-    unknown = sorted(set(params) - set(OVERRIDABLE) - {"reset"})
-    if unknown:
-        _error(context, f"trigger params: unknown key(s) {', '.join(unknown)} "
-                        f"(known: {', '.join(OVERRIDABLE)}, reset)")
-        return False
-    overrides = st.merge(context.get("overrides") or {},
-                         {k: v for k, v in params.items() if k != "reset"})
-    try:  # check before keeping: a bad name, weight or profile must not stick
-        config = _config({**context, "overrides": overrides})
+    """Keep a trigger's params as this application's overrides; False if refused."""
+    def check(config):  # a bad name, weight or profile must not stick
         _strategy(context, config)
         inputs.check_profiles(config.get("profiles"), config.get("profile_defaults"))
-    except st.StrategyError as exc:
-        _error(context, f"trigger params refused: {exc}")
-        return False
-    context["overrides"] = overrides
-    return True
+
+    refused = st.apply_overrides(context, params, OVERRIDABLE, check)
+    if refused:
+        _error(context, refused)
+    return refused is None
 
 
 def _strategy(context, config):
