@@ -41,3 +41,11 @@ class PluginError(PermanentError):
         self.plugin = plugin
         self.message = message
         self.traceback = traceback
+
+
+class CallAbandoned(PluginError):
+    """A plugin call overran its deadline and was abandoned: its outcome is unknown.
+
+    The call may still finish (a thread cannot be stopped), so for ``apply`` this is not
+    a failure: the command may or may not have taken effect.
+    """

@@ -124,10 +124,15 @@ class ExecRequest(msgspec.Struct):
     scheduled_at: float = 0.0
 
 
+# "unknown": the apply was interrupted (its executor died) or abandoned at its deadline;
+# it may or may not have taken effect. Like "failed" it is terminal and is not retried.
+Outcome = Literal["applied", "failed", "unknown"]
+
+
 class ExecResult(msgspec.Struct, tag="result"):
     plan_id: str
     mechanism: str
-    outcome: Literal["applied", "failed"]
+    outcome: Outcome
     app: str = ""
     policy: str = ""
     error: str = ""
@@ -203,7 +208,7 @@ class PlanDecisions(msgspec.Struct):
 class LedgerEntry(msgspec.Struct):
     """Execution ledger of one (plan, mechanism): makes ``apply`` happen at most once."""
 
-    state: Literal["started", "applied", "failed"]
+    state: Literal["started", "applied", "failed", "unknown"]
     plan_id: str
     mechanism: str
     executor: str = ""

@@ -186,8 +186,11 @@ def test_oversized_payload() -> None:
         b"a: " + b"[" * 100_000,  # would blow the recursion limit if composed
     ],
 )
-def test_too_deep_payload(payload: bytes) -> None:
+def test_too_deep_payload_is_rejected_naming_the_depth_limit(payload: bytes) -> None:
+    # Whichever refuses first (our event screen, or PyYAML's own flow-level limit since
+    # 6.0.3), the user reads one message that names the limit.
     result = validate_payload("app", "demo-app", payload)
+    assert not result.accepted
     assert "nested deeper than the limit of 32 levels" in messages(result)
 
 

@@ -125,6 +125,8 @@ def _load_yaml(text: str, max_depth: int) -> Any:
     except yaml.reader.ReaderError as exc:  # control characters
         raise BadInput(f"not valid YAML or JSON: {exc.reason} (offset {exc.position})") from None
     except yaml.MarkedYAMLError as exc:
+        if "nesting depth" in (exc.problem or ""):  # PyYAML >= 6.0.3 stops deep flow nesting
+            raise _too_deep(max_depth, _where(exc)) from None  # itself: say it our way
         what = ", ".join(part for part in (exc.context, exc.problem) if part)
         raise BadInput(f"not valid YAML or JSON: {what}{_where(exc)}") from None
     except (yaml.YAMLError, ValueError, RecursionError) as exc:

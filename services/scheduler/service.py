@@ -227,5 +227,5 @@ class Scheduler:
             ledger = await self.bus.kv(subjects.BUCKET_LEDGER).get(f"{claim.plan_id}.{mechanism}")
         except (jserr.KeyNotFoundError, jserr.KeyDeletedError):
             return revision, claim
-        done = wire.LEDGER.decode(ledger.value or b"").state in ("applied", "failed")
+        done = wire.LEDGER.decode(ledger.value or b"").state in ("applied", "failed", "unknown")
         return revision, None if done else claim
