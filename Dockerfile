@@ -22,21 +22,18 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/mlsysops
 
 WORKDIR /src
-# Metadata first (README/LICENSE are optional: the wildcard tolerates their absence),
-# then the packages: a change in the code does not invalidate the dependency layer.
+# The dependencies first, exactly as locked (with hashes; pip and setuptools included):
+# a change in the code does not invalidate this layer.
+COPY requirements/runtime.lock requirements/runtime.lock
+RUN /opt/mlsysops/bin/pip install --require-hashes -r requirements/runtime.lock
 COPY pyproject.toml README.md* LICENSE* ./
-RUN mkdir -p mlsysops services \
- && touch mlsysops/__init__.py services/__init__.py \
- && /opt/mlsysops/bin/pip install . \
- && /opt/mlsysops/bin/pip uninstall -y mlsysops \
- && rm -rf build *.egg-info mlsysops services
 COPY mlsysops/ mlsysops/
 COPY services/ services/
 # A regular (non-editable) install; bytecode is compiled now because the root filesystem
 # is read-only at run time. pip and setuptools are not needed at run time: an image
 # derived from this one installs extra packages for its plugins with the base image's pip
 # (pip --python /opt/mlsysops/bin/python install ...).
-RUN /opt/mlsysops/bin/pip install --no-deps . \
+RUN /opt/mlsysops/bin/pip install --no-deps --no-build-isolation . \
  && /opt/mlsysops/bin/python -m compileall -q /opt/mlsysops/lib \
  && /opt/mlsysops/bin/python -m pip uninstall -y -q pip setuptools
 

@@ -5,14 +5,29 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# Every install is from a lock with hashes (pip and setuptools included), never from
+# whatever is newest that day. `make lock` refreshes both locks from pyproject.toml.
+LOCK   := requirements/test.lock
+UV     := uv==0.13.8
 
-.PHONY: up test lint bench bench-quick clean
+.PHONY: up test lint bench bench-quick clean lock
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet --require-hashes -r $(LOCK)
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+# Re-resolve the locks (the newest releases within pyproject.toml's ranges), then review
+# the diff and run `make test` before committing them.
+lock:
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet $(UV)
+	.lock-venv/bin/uv pip compile --quiet --upgrade --universal --python-version 3.11 \
+	  --generate-hashes pyproject.toml requirements/build.in --extra test -o requirements/test.lock
+	.lock-venv/bin/uv pip compile --quiet --upgrade --universal --python-version 3.11 \
+	  --generate-hashes pyproject.toml requirements/build.in -o requirements/runtime.lock
+	rm -rf .lock-venv
 
 up: $(STAMP)
 	$(BIN)/mlsysops up --publish examples
@@ -31,4 +46,4 @@ bench-quick: $(STAMP)
 	$(BIN)/python -m bench --quick
 
 clean:
-	rm -rf $(VENV) .mlsysops .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .lock-venv .mlsysops .pytest_cache .mypy_cache .ruff_cache
