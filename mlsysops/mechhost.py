@@ -60,17 +60,26 @@ class MechanismHost:
                                                   message=f"failed to load: {plugin.error}",
                                                   traceback=plugin.traceback))
 
-    async def conflict_key(self, plugin: Plugin, command: Any) -> str:
-        """The mechanism's conflict key for ``command`` ("" = the whole mechanism)."""
+    async def conflict_keys(self, plugin: Plugin, command: Any) -> list[str]:
+        """The keys ``command`` claims on its mechanism, all or none.
+
+        A mechanism's ``conflict_key(command)`` returns one key (a string), several (a
+        list: the command conflicts with any command claiming one of them), or None.
+        Without the function, or for None, the command claims the whole mechanism
+        (``[""]``); an empty list claims nothing (the command conflicts with none).
+        """
         if plugin.function("conflict_key") is None:
-            return ""
+            return [""]
         key = await plugin.call("conflict_key", command, timeout=self.bus.settings.call_timeout)
         if key is None:
-            return ""
-        if not isinstance(key, str | int):
-            raise PluginError(plugin.name, f"conflict_key() must return a string, got "
-                                           f"{type(key).__name__}")
-        return str(key)
+            return [""]
+        if isinstance(key, str | int) and not isinstance(key, bool):
+            return [str(key)]
+        if isinstance(key, list | tuple) and all(
+                isinstance(k, str | int) and not isinstance(k, bool) for k in key):
+            return list(dict.fromkeys(str(k) for k in key))
+        raise PluginError(plugin.name, f"conflict_key() must return a string or a list of "
+                                       f"strings, got {type(key).__name__}")
 
 
 def claim_key(mechanism: str, conflict_key: str) -> str:

@@ -58,7 +58,7 @@ async def collect_status(bus: Bus) -> dict[str, Any]:
         subjects.BUCKET_SCHED, subjects.BUCKET_LEASES, subjects.BUCKET_LEDGER)))
     out: dict[str, Any] = {"apps": [], "clusters": [], "nodes": [], "policies": {},
                            "pairs": [], "mechanisms": {}, "claims": [], "services": [],
-                           "telemetry": None, "leader": None}
+                           "telemetry": None, "leader": None, "set_aside": []}
     for key in sorted(desc):
         kind, _, name = key.partition(".")
         out.setdefault({"app": "apps", "cluster": "clusters", "node": "nodes"}.get(
@@ -72,20 +72,31 @@ async def collect_status(bus: Bus) -> dict[str, Any]:
                              "noops": rec.noops, "status": rec.context.get("status")})
     for key, raw in sorted(status.items()):
         _status_entry(out, key, raw)
-    now = wire.now()
     for key, raw in sorted(sched.items()):
-        if key.startswith("claim."):
-            claim = wire.CLAIM.decode(raw)
-            done = ledger.get(f"{claim.plan_id}.{claim.mechanism}")
-            finished = done is not None and wire.LEDGER.decode(done).state != "started"
-            out["claims"].append({**msgspec.to_builtins(claim),
-                                  "held": not finished and claim.expires_at >= now})
+        _sched_entry(out, key, raw, ledger, bus.settings.exec_timeout)
     for key, raw in sorted(leases.items()):
         if key.startswith("svc."):
             out["services"].append(msgspec.to_builtins(wire.HEARTBEAT.decode(raw)))
         elif key == "leader.scheduler":
             out["leader"] = json.loads(raw).get("instance")
     return out
+
+
+def _sched_entry(out: dict[str, Any], key: str, raw: bytes, ledger: dict[str, bytes],
+                 exec_timeout: float) -> None:
+    """A claim (held as the scheduler judges it) or a plan set aside."""
+    try:
+        if key.startswith("claim."):
+            claim = wire.CLAIM.decode(raw)
+            done = ledger.get(f"{claim.plan_id}.{claim.mechanism}")
+            execution = wire.LEDGER.decode(done) if done is not None else None
+            held = execution is None or (execution.state == "started" and
+                                         execution.started_at + exec_timeout >= wire.now())
+            out["claims"].append({**msgspec.to_builtins(claim), "held": held})
+        elif key.startswith("aside."):
+            out["set_aside"].append(msgspec.to_builtins(wire.SET_ASIDE.decode(raw)))
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        out.setdefault("undecodable", []).append(f"{subjects.BUCKET_SCHED}:{key}")
 
 
 def _status_entry(out: dict[str, Any], key: str, raw: bytes) -> None:
@@ -136,6 +147,13 @@ def render_status(d: dict[str, Any]) -> str:
     for c in d["claims"]:
         if c["held"]:
             lines.append(f"  {c['mechanism']}[{c['conflict_key'] or '*'}] held by {c['plan_id']}")
+    if d.get("set_aside"):
+        lines.append("plans set aside (the scheduler could not handle them):")
+        for a in d["set_aside"]:
+            lines.append(f"  {a['plan_id']} ({a['policy']} / {a['app']}) after "
+                         f"{a['attempts']} attempts: {a['reason']}")
+    if d.get("undecodable"):
+        lines.append(f"undecodable records: {', '.join(d['undecodable'])}")
     if d["telemetry"]:
         t = d["telemetry"]
         lines.append(f"telemetry: {json.dumps(t, default=str)[:300]}")

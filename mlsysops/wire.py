@@ -75,6 +75,9 @@ class StoredDescription(msgspec.Struct):
     spec: dict[str, Any]
     accepted_at: float
     digest: str = ""
+    # one lifetime of the description: new when the key did not exist or was deleted,
+    # kept on updates; ids derived from it never repeat for an application published again
+    generation: str = ""
 
 
 # --------------------------------------------------------------------------- the loop
@@ -109,8 +112,9 @@ class Decision(msgspec.Struct, tag="decision"):
     policy: str = ""
     reason: str = ""
     holder: str | None = None
-    conflict_key: str = ""
+    conflict_key: str = ""  # the keys below joined by "," (kept for older readers)
     decided_at: float = 0.0
+    conflict_keys: list[str] = []  # every key the command claims (all or none)
 
 
 class ExecRequest(msgspec.Struct):
@@ -122,6 +126,7 @@ class ExecRequest(msgspec.Struct):
     policy: str = ""
     conflict_key: str = ""
     scheduled_at: float = 0.0
+    conflict_keys: list[str] = []
 
 
 # "unknown": the apply was interrupted (its executor died) or abandoned at its deadline;
@@ -185,16 +190,42 @@ class ContextRecord(msgspec.Struct):
     evaluations: int = 0
     policy_digest: str = ""
     noops: int = 0  # plans that came back empty (nothing published)
+    # the StoredDescription.generation this record was made for ("" for _global); a record
+    # of another generation is an earlier application of the same name: treated as absent
+    generation: str = ""
+    # the context before plan() ran, while the plan in the outbox awaits its decisions:
+    # if the scheduler discards every command, this one is kept instead of plan()'s
+    prior_context: dict[str, Any] | None = None
 
 
 class Claim(msgspec.Struct):
-    """A mechanism (or one conflict key of it) held by a scheduled plan."""
+    """A mechanism (or one conflict key of it) held by a scheduled plan.
+
+    It holds until the execution has a terminal result in the ledger, or until
+    ``--exec-timeout`` after the execution started. ``expires_at`` is 0 (kept for older
+    readers, who took it as the end of the claim).
+    """
 
     plan_id: str
     mechanism: str
     conflict_key: str
     since: float
-    expires_at: float
+    expires_at: float = 0.0
+
+
+class SetAside(msgspec.Struct):
+    """A plan the scheduler could not handle after bounded redelivery (a dead letter).
+
+    Kept under ``aside.<plan_id>`` in the ``sched`` bucket and shown by ``mlsysops
+    status``; the plan stream moved on past it.
+    """
+
+    plan_id: str
+    app: str
+    policy: str
+    reason: str
+    attempts: int
+    at: float
 
 
 class PlanDecisions(msgspec.Struct):
@@ -281,6 +312,7 @@ EXEC_REQUEST = Codec(ExecRequest)
 CONTEXT_RECORD = Codec(ContextRecord)
 CLAIM = Codec(Claim)
 PLAN_DECISIONS = Codec(PlanDecisions)
+SET_ASIDE = Codec(SetAside)
 LEDGER = Codec(LedgerEntry)
 POLICY_STATUS = Codec(PolicyStatus)
 PLUGIN_STATUS = Codec(PluginStatus)

@@ -39,3 +39,11 @@ def need_upstream() -> Path:
     if not UPSTREAM.is_dir():
         missing(f"{UPSTREAM} is absent: it sits beside the checkout in CI, not in a user's clone")
     return UPSTREAM
+
+
+def need_seeds() -> Path:
+    """The specification documents beside the checkout (../shared/seeds), else skip/fail."""
+    seeds = SHARED / "seeds"
+    if not seeds.is_dir():
+        missing(f"{seeds} is absent: it sits beside the checkout in CI, not in a user's clone")
+    return seeds

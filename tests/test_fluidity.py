@@ -651,7 +651,13 @@ async def test_status_options_and_conflict_key(emu):
     assert options["application_commands"] == ["remove_app"]
     assert options["nodes"] == ["node-a", "node-b"]
 
-    assert fluidity.conflict_key(DEPLOY_SERVER) == APP
+    # per component: plans for different components of one application do not conflict
+    assert fluidity.conflict_key(DEPLOY_SERVER) == [f"{APP}/server-app"]
+    both = {"name": APP, "deployment_plan": {"server-app": [], "client-app": [],
+                                             "initial_plan": True}}
+    assert fluidity.conflict_key(both) == [f"{APP}/server-app", f"{APP}/client-app"]
+    assert fluidity.conflict_key({"name": APP, "remove_app": True}) == [APP]
+    assert fluidity.conflict_key({"name": APP, "deployment_plan": {"initial_plan": True}}) == []
     assert fluidity.conflict_key({"deployment_plan": {}}) == ""
 
 

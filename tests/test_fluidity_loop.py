@@ -543,3 +543,31 @@ async def test_redelivered_and_repeated_commands_change_nothing_and_bad_ones_say
     assert {"d": deployments(emu), "s": services(emu)} == before
     applied = [r for r in results(events) if r["outcome"] == "applied"]
     assert sorted({r["plan_id"] for r in applied}) == ["p-first", "p-repeat"]
+
+
+# --------------------------------------------------------------------------- seed policies
+@pytest.mark.slow
+async def test_the_seed_placement_and_relocation_policies_together_deploy_every_component(
+        emu, plugin_dirs, cfg, loop_) -> None:
+    """The specification's static placement and relocation policies, word for word, side
+    by side: their first plans are for different components of one application, so both
+    are applied: the pinned component on its node and the free one on the first node."""
+    from tests.seedpolicies import seed_policy
+
+    policy_dir, mechanism_dir = plugin_dirs
+    shutil.copy(FLUIDITY, mechanism_dir / FLUIDITY.name)
+    for name in ("staticPlacement", "relocateComponents"):
+        (policy_dir / f"policy-{name}.py").write_text(seed_policy(name))
+    loop_.start()
+    events: list[dict[str, Any]] = []
+    nc = await kit.collect(cfg.nats_url, events)
+    try:
+        await publish_examples(cfg.nats_url)
+        await kit.wait_for(lambda: placement(emu) == {"load": ["node-a"], "web": ["node-a"]},
+                           timeout=25, what="web on its node and load on the first node")
+    finally:
+        await nc.close()
+    firsts = {e["policy"]: e for e in of(events, "mlsysops.decision.fluidity")}
+    assert firsts["staticPlacement"]["outcome"] == "scheduled", firsts
+    assert firsts["relocateComponents"]["outcome"] == "scheduled", firsts
+    assert all(r["outcome"] == "applied" for r in results(events)), results(events)

@@ -12,7 +12,9 @@ from tests import loopkit as kit
 
 
 async def _publish_plan(js, plan_id: str, commands: dict, *, core: bool = False,
-                        msg_id: str | None = None, app: str = "a1", policy: str = "p") -> None:
+                        msg_id: str | None = None, app: str = "_global", policy: str = "p") -> None:
+    # "_global": a global policy's plan, valid without any description (a plan for an
+    # application with no description is discarded)
     plan = wire.Plan(plan_id=plan_id, app=app, policy=policy, created_at=wire.now(),
                      commands=commands, core=core)
     await js.publish(f"mlsysops.plan.{app}.{policy}", wire.encode(plan),

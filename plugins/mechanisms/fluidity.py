@@ -145,10 +145,24 @@ def get_options() -> dict[str, Any]:
     }
 
 
-def conflict_key(command: Any) -> str:
-    """Commands for different applications never conflict."""
+def conflict_key(command: Any) -> list[str] | str:
+    """What a command claims: ``<app>/<component>`` for each component it changes.
+
+    So plans for different components of one application (say, static placement's and
+    relocation's first plans) do not conflict, and one plan for a component holds back
+    the others until its execution ends. ``remove_app`` claims ``<app>``; a command with
+    no component entries claims nothing; a command without a usable name claims the
+    whole mechanism (``""``: it fails in ``apply`` with the reason).
+    """
     name = command.get("name") if isinstance(command, dict) else None
-    return name if isinstance(name, str) else ""
+    if not isinstance(name, str) or not name:
+        return ""
+    if command.get("remove_app"):
+        return [name]
+    plan = command.get("deployment_plan")
+    if not isinstance(plan, dict):
+        return [name]
+    return [f"{name}/{component}" for component in plan if component != "initial_plan"]
 
 
 # --------------------------------------------------------------------------- names

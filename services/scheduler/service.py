@@ -16,7 +16,7 @@ decided the same way and its requests and decisions are re-published with the sa
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, TypeVar
 
 import nats.errors
 import nats.js.api as api
@@ -24,16 +24,23 @@ import nats.js.errors as jserr
 from nats.aio.msg import Msg
 
 from mlsysops import http, inbound, logs, subjects, wire
-from mlsysops.bus import Bus
+from mlsysops.bus import Bus, KVCache
 from mlsysops.errors import PluginError
 from mlsysops.mechhost import MechanismHost, claim_key
+from mlsysops.state import desc_key
 
 log = logs.get(__name__)
+T = TypeVar("T")
 
 LEASE_KEY = "leader.scheduler"
 LEASE_TTL = 5.0
 RENEW_EVERY = 1.0
 DECISIONS_TTL = 7 * 86400.0
+LEDGER_TTL = 7 * 86400.0  # the executor ledger's TTL (mlsysops.bus)
+MAX_ATTEMPTS = 5  # deliveries of a plan whose handling raises before it is set aside
+# errors that say the broker is away (not that the plan is bad): never set a plan aside
+TRANSIENT = (nats.errors.TimeoutError, nats.errors.ConnectionClosedError,
+             nats.errors.NoRespondersError, TimeoutError, OSError)
 
 
 class Scheduler:
@@ -43,9 +50,11 @@ class Scheduler:
         self.bus = bus
         self.mechanisms = MechanismHost(bus)
         self.active = False
+        # which applications have a description (a plan for a deleted one is discarded)
+        self.apps: KVCache[bool] = KVCache(bus, subjects.BUCKET_DESC, "app.*", lambda _: True)
 
     def tasks(self) -> list[Any]:
-        return [self.mechanisms.watch(), self._lead()]
+        return [self.mechanisms.watch(), self.apps.run(), self._lead()]
 
     def ready(self) -> bool:
         return self.mechanisms.loaded.is_set()
@@ -120,10 +129,21 @@ class Scheduler:
             for i, msg in enumerate(batch):
                 try:
                     await self.handle(msg)
-                except Exception:
-                    for rest in batch[i:]:  # keep the order: everything from here comes back
-                        await rest.nak()
-                    raise
+                except Exception as exc:
+                    if isinstance(exc, TRANSIENT):  # the broker is away: try again later
+                        for rest in batch[i:]:  # keep the order: all from here come back
+                            await rest.nak()
+                        raise
+                    await self._failed(msg, exc)
+
+    async def _failed(self, msg: Msg, exc: Exception) -> None:
+        """A plan whose handling raised: again after a pause, set aside after a few tries."""
+        attempts = msg.metadata.num_delivered or 1
+        log.error("plan handling failed", attempts=attempts, error=repr(exc), exc_info=exc)
+        if attempts < MAX_ATTEMPTS:
+            await msg.nak(delay=min(0.5 * 2 ** (attempts - 1), 5.0))
+            return
+        await self._set_aside(msg, f"{type(exc).__name__}: {exc}", attempts)
 
     async def handle(self, msg: Msg) -> None:
         started = asyncio.get_running_loop().time()
@@ -132,23 +152,17 @@ class Scheduler:
         except inbound.Refused as exc:
             await self.bus.drop(msg, exc.message)
             return
-        # only a redelivered plan can have been decided before (by us or a dead leader)
-        redelivered = msg.metadata.num_delivered is None or msg.metadata.num_delivered > 1
-        stored = await self._stored(plan.plan_id) if redelivered else None
-        outcome = stored if stored is not None else await self.decide(plan)
-        # claims are written by decide(); the decisions record, the requests and the
-        # decisions go out together, and the plan is acked once all of them are stored.
-        # Deciding a plan again (say, a copy published under another message id) gives
-        # requests with the same ids, which JetStream drops, and the ledger applies once.
-        record = () if stored is not None else (self.bus.put_with_ttl(
-            subjects.BUCKET_SCHED, f"plan.{plan.plan_id}", wire.encode(outcome), DECISIONS_TTL),)
-        await asyncio.gather(
-            *record,
-            *(self.bus.publish(self.bus.subjects.exec(r.mechanism), r, msg_id=r.exec_id)
-              for r in outcome.requests),
-            *(self.bus.publish(self.bus.subjects.decision(d.mechanism), d,
-                               msg_id=f"d-{plan.plan_id}.{d.mechanism}")
-              for d in outcome.decisions))
+        # A plan decided before (redelivered, or a copy under another message id) is
+        # decided the same way: its stored decisions are published again, with the same
+        # ids, which JetStream drops as duplicates. Otherwise decide() writes the claims,
+        # then the decisions are stored, and only then is anything published: a decision
+        # that was published is always the one stored.
+        outcome = await self._stored(plan.plan_id)
+        if outcome is None:
+            outcome = await self.decide(plan)
+            await self.bus.put_with_ttl(subjects.BUCKET_SCHED, f"plan.{plan.plan_id}",
+                                        wire.encode(outcome), DECISIONS_TTL)
+        await self._announce(plan.plan_id, outcome)
         if outcome.requests:
             await msg.ack()  # a lost ack only means a redelivery, decided the same way
         else:
@@ -157,33 +171,106 @@ class Scheduler:
             asyncio.get_running_loop().time() - started)
         http.MESSAGES.labels("scheduler", "plan").inc()
 
+    async def _announce(self, plan_id: str, outcome: wire.PlanDecisions) -> None:
+        await asyncio.gather(
+            *(self.bus.publish(self.bus.subjects.exec(r.mechanism), r, msg_id=r.exec_id)
+              for r in outcome.requests),
+            *(self.bus.publish(self.bus.subjects.decision(d.mechanism), d,
+                               msg_id=f"d-{plan_id}.{d.mechanism}")
+              for d in outcome.decisions))
+
     async def _stored(self, plan_id: str) -> wire.PlanDecisions | None:
         try:
             entry = await self.bus.kv(subjects.BUCKET_SCHED).get(f"plan.{plan_id}")
         except (jserr.KeyNotFoundError, jserr.KeyDeletedError):
             return None
-        return wire.PLAN_DECISIONS.decode(entry.value or b"")
+        return _decode(wire.PLAN_DECISIONS, f"plan.{plan_id}", entry.value)
+
+    # ------------------------------------------------------------ set aside
+    async def _set_aside(self, msg: Msg, reason: str, attempts: int) -> None:
+        """Put a plan that keeps failing aside with its reason, and move on in order.
+
+        Every command of the plan is recorded as discarded (so its planner stops waiting
+        and the policy sees it), the claims it may have taken are released, an error
+        event says why, and ``aside.<plan_id>`` keeps it for ``mlsysops status``.
+        """
+        plan = inbound.plan(msg.subject, msg.data, self.bus.subjects)
+        why = f"set aside after {attempts} attempts: {reason}"
+        aside = wire.SetAside(plan_id=plan.plan_id, app=plan.app, policy=plan.policy,
+                              reason=reason, attempts=attempts, at=wire.now())
+        outcome = wire.PlanDecisions(plan_id=plan.plan_id, decisions=[
+            wire.Decision(plan_id=plan.plan_id, mechanism=m, outcome="discarded", app=plan.app,
+                          policy=plan.policy, reason=why, decided_at=aside.at)
+            for m in plan.commands])
+        await self.bus.report(wire.ErrorEvent(
+            kind="service", name="scheduler", app=plan.app,
+            message=f"plan {plan.plan_id} of policy {plan.policy!r} {why}",
+            details={"plan_id": plan.plan_id, "policy": plan.policy, "attempts": attempts}))
+        for step in (self._release_claims(plan),
+                     self.bus.put_with_ttl(subjects.BUCKET_SCHED, f"aside.{plan.plan_id}",
+                                           wire.encode(aside), DECISIONS_TTL),
+                     self.bus.put_with_ttl(subjects.BUCKET_SCHED, f"plan.{plan.plan_id}",
+                                           wire.encode(outcome), DECISIONS_TTL),
+                     self._announce(plan.plan_id, outcome)):
+            try:
+                await step
+            except Exception as exc:
+                log.warning("setting a plan aside: a step failed", plan_id=plan.plan_id,
+                            error=repr(exc))
+        await msg.term()
+
+    async def _release_claims(self, plan: wire.Plan) -> None:
+        """Delete the claims ``plan`` holds (taken before its handling failed)."""
+        kv = self.bus.kv(subjects.BUCKET_SCHED)
+        for mechanism, command in plan.commands.items():
+            plugin = self.mechanisms.get(mechanism)
+            if plugin is None:
+                continue
+            for conflict_key in await self.mechanisms.conflict_keys(plugin, command):
+                key = claim_key(mechanism, conflict_key)
+                try:
+                    entry = await kv.get(key)
+                    if wire.CLAIM.decode(entry.value or b"").plan_id == plan.plan_id:
+                        await kv.delete(key, last=entry.revision)
+                except Exception:
+                    continue  # absent, another plan's, or undecodable: not ours to free
 
     # ------------------------------------------------------------ the rule
     async def decide(self, plan: wire.Plan) -> wire.PlanDecisions:
         out = wire.PlanDecisions(plan_id=plan.plan_id)
+        gone = not await self._app_exists(plan.app)
         for mechanism, command in plan.commands.items():
             decision = wire.Decision(plan_id=plan.plan_id, mechanism=mechanism,
                                      outcome="discarded", app=plan.app, policy=plan.policy,
                                      decided_at=wire.now())
             try:
-                await self._decide_one(plan, mechanism, command, decision)
+                if gone:
+                    decision.reason = (f"application {plan.app!r} was deleted (it has no "
+                                       "description) after the plan was made")
+                else:
+                    await self._decide_one(plan, mechanism, command, decision)
             except PluginError as exc:
                 decision.reason = exc.message
             if decision.outcome == "scheduled":
                 out.requests.append(wire.ExecRequest(
                     exec_id=f"{plan.plan_id}.{mechanism}", plan_id=plan.plan_id,
                     mechanism=mechanism, command=command, app=plan.app, policy=plan.policy,
-                    conflict_key=decision.conflict_key, scheduled_at=decision.decided_at))
+                    conflict_key=decision.conflict_key, scheduled_at=decision.decided_at,
+                    conflict_keys=decision.conflict_keys))
             log.info("decision", plan_id=plan.plan_id, mechanism=mechanism,
                      outcome=decision.outcome, reason=decision.reason)
             out.decisions.append(decision)
         return out
+
+    async def _app_exists(self, app: str) -> bool:
+        """Whether ``app`` has a description (plans of global policies always pass)."""
+        if app == subjects.GLOBAL_APP or self.apps.get(desc_key("app", app)) is not None:
+            return True
+        try:  # the watch may lag behind a description published just now
+            await self.bus.kv(subjects.BUCKET_DESC).get(desc_key("app", app))
+        except (jserr.KeyNotFoundError, jserr.KeyDeletedError):
+            return False
+        return True
 
     async def _decide_one(self, plan: wire.Plan, mechanism: str, command: Any,
                           decision: wire.Decision) -> None:
@@ -192,40 +279,62 @@ class Scheduler:
             known = ", ".join(self.mechanisms.names()) or "none"
             decision.reason = f"mechanism {mechanism!r} is not loaded (loaded: {known})"
             return
-        decision.conflict_key = await self.mechanisms.conflict_key(plugin, command)
-        key = claim_key(mechanism, decision.conflict_key)
-        revision, holder = await self._holder(key, mechanism)
-        if holder is not None and holder.plan_id != plan.plan_id:
+        keys = await self.mechanisms.conflict_keys(plugin, command)
+        decision.conflict_keys, decision.conflict_key = keys, ",".join(keys)
+        held: list[tuple[str, wire.Claim]] = []
+        revisions: dict[str, int] = {}
+        for conflict_key in keys:
+            revision, holder = await self._holder(claim_key(mechanism, conflict_key), mechanism)
+            revisions[conflict_key] = revision
+            if holder is not None and holder.plan_id != plan.plan_id:
+                held.append((conflict_key, holder))
+        if held:
+            conflict_key, holder = held[0]
             decision.holder = holder.plan_id
             if not plan.core:
-                decision.reason = (f"{mechanism} is held by plan {holder.plan_id} until its "
-                                   "execution ends")
+                on = f" (conflict key {conflict_key!r})" if conflict_key else ""
+                decision.reason = (f"{mechanism}{on} is held by plan {holder.plan_id} until "
+                                   "its execution ends")
                 return
             decision.reason = f"core plan preempted plan {holder.plan_id}"
-        now = wire.now()
-        claim = wire.Claim(plan_id=plan.plan_id, mechanism=mechanism,
-                           conflict_key=decision.conflict_key, since=now,
-                           expires_at=now + self.bus.settings.exec_timeout)
         kv = self.bus.kv(subjects.BUCKET_SCHED)
-        if revision:
-            await kv.update(key, wire.encode(claim), last=revision)
-        else:
-            await kv.create(key, wire.encode(claim))
+        for conflict_key in keys:  # all keys are free (or preempted): claim every one
+            claim = wire.Claim(plan_id=plan.plan_id, mechanism=mechanism,
+                               conflict_key=conflict_key, since=wire.now())
+            data, revision = wire.encode(claim), revisions[conflict_key]
+            key = claim_key(mechanism, conflict_key)
+            await (kv.update(key, data, last=revision) if revision else kv.create(key, data))
         decision.outcome = "scheduled"
 
     async def _holder(self, key: str, mechanism: str) -> tuple[int, wire.Claim | None]:
-        """The live claim on ``key`` (None when free) and the revision to replace it."""
+        """The live claim on ``key`` (None when free) and the revision to replace it.
+
+        A claim is live until its execution has a terminal result in the ledger, or until
+        ``--exec-timeout`` after the executor recorded its start. An execution that has
+        not started (a backlog, no executor yet) keeps its claim however long it waits.
+        """
         try:
             entry = await self.bus.kv(subjects.BUCKET_SCHED).get(key)
         except (jserr.KeyNotFoundError, jserr.KeyDeletedError):
             return 0, None
-        claim = wire.CLAIM.decode(entry.value or b"")
+        claim = _decode(wire.CLAIM, key, entry.value)
         revision = entry.revision or 0
-        if claim.expires_at < wire.now():
-            return revision, None
         try:
             ledger = await self.bus.kv(subjects.BUCKET_LEDGER).get(f"{claim.plan_id}.{mechanism}")
         except (jserr.KeyNotFoundError, jserr.KeyDeletedError):
-            return revision, claim
-        done = wire.LEDGER.decode(ledger.value or b"").state in ("applied", "failed", "unknown")
-        return revision, None if done else claim
+            # not started yet; only a claim older than the ledger's own memory is stale
+            return revision, None if claim.since < wire.now() - LEDGER_TTL else claim
+        execution = wire.LEDGER.decode(ledger.value or b"")
+        if execution.state != "started":
+            return revision, None
+        overdue = execution.started_at + self.bus.settings.exec_timeout < wire.now()
+        return revision, None if overdue else claim
+
+
+def _decode(codec: wire.Codec[T], key: str, data: bytes | None) -> T:
+    """A stored record, or an error naming the record that cannot be read."""
+    try:
+        return codec.decode(data or b"")
+    except Exception as exc:
+        raise ValueError(f"the stored record {key!r} in the scheduler's bucket cannot be "
+                         f"decoded ({exc})") from None
