@@ -11,6 +11,7 @@ the stored plan (de-duplicated by JetStream) or makes it for the first time, nev
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import msgspec
@@ -27,6 +28,8 @@ from mlsysops.state import StateView
 
 log = logs.get(__name__)
 ACK_WAIT = 5.0  # a verdict whose planner died comes back this soon (kept alive meanwhile)
+DECISION_WAIT = 30.0  # how long a plan waits for its decisions before the verdict is naked
+LAST_DECISION = "_last_decision"  # the context key where a policy finds it
 
 
 class Planner:
@@ -36,9 +39,11 @@ class Planner:
         self.bus = bus
         self.state = StateView(bus)
         self.host = PolicyHost(bus)
+        self._waiting: dict[str, asyncio.Event] = {}  # plan id -> woken by its decisions
 
     def tasks(self) -> list[Any]:
-        return [*self.state.tasks(), self.host.watch(), self._consume()]
+        return [*self.state.tasks(), self.host.watch(), self._follow_decisions(),
+                self._consume()]
 
     def ready(self) -> bool:
         return self.host.loaded.is_set()
@@ -86,13 +91,64 @@ class Planner:
                 await self._release(key, revision, record, context, None)
                 await msg.ack()
                 return
-            record = msgspec.structs.replace(record, context=context, outbox_plan=plan)
+            record = msgspec.structs.replace(record, context=context, outbox_plan=plan,
+                                             prior_context=record.context)
             revision = await kv.update(key, wire.encode(record), last=revision)
         await self.bus.publish(self.bus.subjects.plan(plan.app, plan.policy), plan,
                                msg_id=plan.plan_id)
         log_.info("plan", plan_id=plan.plan_id, mechanisms=sorted(plan.commands))
-        await self._release(key, revision, record, record.context, plan.plan_id)
+        decided = await self._decisions(plan, msg)
+        if decided is None:  # no scheduler decided in time: keep it all and ask again later
+            log_.warning("no decision on the plan yet; the verdict comes back",
+                         plan_id=plan.plan_id)
+            await msg.nak(delay=DECISION_WAIT)
+            return
+        context, last = _after_decision(record, plan, decided)
+        await self._release(key, revision, record, {**context, LAST_DECISION: last},
+                            plan.plan_id)
         await msg.ack()
+
+    async def _decisions(self, plan: wire.Plan, msg: Msg) -> wire.PlanDecisions | None:
+        """The scheduler's stored decisions on ``plan``, once it has made them.
+
+        Woken by the decision events; the stored record is what counts (the scheduler
+        stores it before publishing anything). None after ``DECISION_WAIT`` seconds.
+        """
+        waiter = self._waiting.setdefault(plan.plan_id, asyncio.Event())
+        keepalive = asyncio.ensure_future(keep_alive(msg, ACK_WAIT / 3))
+        deadline = asyncio.get_running_loop().time() + DECISION_WAIT
+        try:
+            while True:
+                found = await self._stored_decisions(plan.plan_id)
+                remaining = deadline - asyncio.get_running_loop().time()
+                if found is not None or remaining <= 0:
+                    return found
+                waiter.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(waiter.wait(), min(1.0, remaining))
+        finally:
+            keepalive.cancel()
+            self._waiting.pop(plan.plan_id, None)
+
+    async def _stored_decisions(self, plan_id: str) -> wire.PlanDecisions | None:
+        try:
+            entry = await self.bus.kv(subjects.BUCKET_SCHED).get(f"plan.{plan_id}")
+        except (jserr.KeyNotFoundError, jserr.KeyDeletedError):
+            return None
+        return wire.PLAN_DECISIONS.decode(entry.value or b"")
+
+    async def _follow_decisions(self) -> None:
+        """Wake the plans waiting for their decisions as the scheduler announces them."""
+        sub = await self.bus.nc.subscribe(  # type: ignore[union-attr]
+            self.bus.subjects.wildcard("decision"))
+        async for msg in sub.messages:
+            try:
+                plan_id = wire.EVENT.decode(msg.data).plan_id  # type: ignore[union-attr]
+            except Exception:
+                continue
+            waiter = self._waiting.get(plan_id)
+            if waiter is not None:
+                waiter.set()
 
     async def _make_plan(self, verdict: wire.Verdict,
                          msg: Msg) -> tuple[wire.Plan, dict[str, Any]] | None:
@@ -132,10 +188,30 @@ class Planner:
                        context: dict[str, Any], plan_id: str | None) -> None:
         released = msgspec.structs.replace(
             record, context=context, inflight=None, inflight_since=0.0, outbox_plan=None,
-            outbox_verdict=None, last_plan_id=plan_id or record.last_plan_id,
+            outbox_verdict=None, prior_context=None, last_plan_id=plan_id or record.last_plan_id,
             noops=record.noops + (plan_id is None))
         try:
             await self.bus.kv(subjects.BUCKET_CONTEXT).update(key, wire.encode(released),
                                                               last=revision)
         except jserr.KeyWrongLastSequenceError:
             log.warning("context changed while planning; release skipped", key=key)
+
+
+def _after_decision(record: wire.ContextRecord, plan: wire.Plan,
+                    decided: wire.PlanDecisions) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The context to keep and what the policy is told of the decisions on its plan.
+
+    plan()'s context is committed if at least one command was scheduled; if every one
+    was discarded, the context from before plan() is kept, so the pair is analysed again
+    as if the plan had not been made.
+    """
+    by_mechanism = {d.mechanism: {"outcome": d.outcome, "reason": d.reason,
+                                  "holder": d.holder} for d in decided.decisions}
+    outcomes = {d["outcome"] for d in by_mechanism.values()}
+    outcome = ("scheduled" if outcomes == {"scheduled"} else
+               "discarded" if "scheduled" not in outcomes else "partial")
+    committed = outcome != "discarded" or record.prior_context is None
+    context = record.context if committed else record.prior_context
+    last = {"plan_id": plan.plan_id, "outcome": outcome, "committed": committed,
+            "mechanisms": by_mechanism}
+    return dict(context or {}), last
