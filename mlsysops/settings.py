@@ -43,7 +43,8 @@ class Settings:
     log_level: str = _opt("info", "log level: debug, info, warning, error")  # type: ignore[assignment]
     ml_connector_url: str = _opt("", "ML connector endpoint handed to policies (empty: None)")  # type: ignore[assignment]
     exec_timeout: float = _opt(  # type: ignore[assignment]
-        30.0, "how long a scheduled execution holds its mechanism", kind="duration")
+        30.0, "how long a claim holds after its execution started, if no result comes",
+        kind="duration")
     call_timeout: float = _opt(10.0, "deadline of one policy or mechanism call", kind="duration")  # type: ignore[assignment]
     apply_timeout: float = _opt(25.0, "deadline of one mechanism apply", kind="duration")  # type: ignore[assignment]
     quarantine_after: int = _opt(5, "consecutive failures after which a policy is quarantined")  # type: ignore[assignment]
