@@ -4,8 +4,11 @@ Verdicts are consumed from a durable consumer shared by all planner replicas. Th
 context record says whether a verdict still needs its plan (``inflight`` equals the
 verdict id); a redelivered verdict finds it cleared and is simply acked. The new context
 and the plan are stored in the record (the outbox) before the plan is published with its
-id as ``Nats-Msg-Id``, then the record is released: a crash at any point either replays
-the stored plan (de-duplicated by JetStream) or makes it for the first time, never twice.
+id as ``Nats-Msg-Id``: a crash at any point either replays the stored plan (de-duplicated
+by JetStream) or makes it for the first time, never twice. The record is released once
+the scheduler has decided the plan: with plan()'s context if some command was scheduled,
+with the context from before plan() if all were discarded (so a discarded plan changes
+nothing), and with the decisions in ``context["_last_decision"]``.
 """
 
 from __future__ import annotations

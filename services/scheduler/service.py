@@ -1,16 +1,20 @@
-"""Plan Scheduler: strictly ordered, first plan per mechanism wins.
+"""Plan Scheduler: strictly ordered, first plan per conflict key wins.
 
 One replica is active at a time: it holds a lease (a KV key with a TTL that it renews);
 standbys retry to take the lease and the first to succeed becomes active when the holder
-dies. The active replica consumes plans in stream order. For each (mechanism, command)
-of a plan it computes the mechanism's conflict key; if no earlier plan holds that key
-(a claim whose execution has no terminal result in the executor ledger and has not
-expired), it claims it and publishes the execution request, else it discards the entry
-naming the holder. Plans of ``core`` policies are never discarded: they take the claim.
+dies. The active replica consumes plans in stream order, one at a time. For each
+(mechanism, command) of a plan it asks the mechanism for the command's conflict keys; if
+no earlier plan holds one of them (a claim whose execution has no terminal result in the
+executor ledger, and did not start more than ``--exec-timeout`` ago), it claims them all
+and schedules the command, else it discards the entry naming the holder. Plans of
+``core`` policies are never discarded: they take the claims. A plan for an application
+that no longer has a description is discarded.
 
-Decisions are stored per plan before anything is published, so a redelivered plan is
-decided the same way and its requests and decisions are re-published with the same
-``Nats-Msg-Id`` (dropped as duplicates by JetStream).
+Claims are written first, then the plan's decisions are stored, and only then are the
+requests and decisions published: a redelivered plan is decided the same way, and its
+requests and decisions are re-published with the same ``Nats-Msg-Id`` (dropped as
+duplicates by JetStream). A plan whose handling keeps raising is set aside after
+``MAX_ATTEMPTS`` deliveries, with its reason, so that one bad plan never stops the stream.
 """
 
 from __future__ import annotations
