@@ -2,10 +2,18 @@
 
 Work is shared between replicas without a coordinator: each replica announces itself in
 the leases bucket, and a pair belongs to the replica that wins rendezvous hashing over
-the live members. The context record of a pair is written with compare-and-set, so even
-while membership changes at most one evaluation per interval is kept. A positive verdict
-marks the pair in flight (no new analysis until the planner has made its plan) and is
-kept in the record's outbox until published, so a crash never loses it.
+the live members. A member is live while its heartbeat's ``updated_at`` is less than
+``MEMBER_TTL`` old (the key's own TTL expiry is invisible to a watch); a replica that
+stops removes its key at once. The context record of a pair is written with
+compare-and-set, so even while membership changes at most one evaluation per interval is
+kept. A positive verdict marks the pair in flight (no new analysis until the planner has
+made its plan) and is kept in the record's outbox until published, so a crash never
+loses it.
+
+A context record belongs to one generation of the application's description (see the
+monitor): a record made for another generation (an application of the same name that was
+deleted) is treated as absent, and verdict ids include the generation, so they never
+repeat for an application published again.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from mlsysops.bus import Bus, KVCache
 from mlsysops.errors import PluginError
 from mlsysops.policies import check_context, check_result
 from mlsysops.policyhost import Policy, PolicyHost
-from mlsysops.state import StateView
+from mlsysops.state import StateView, desc_key
 
 log = logs.get(__name__)
 
@@ -71,22 +79,61 @@ class Analyzer:
         self.host.directory.close()
 
     def role(self) -> str:
-        return f"members={max(1, len(self.members))}"
+        return f"members={len(self.live_members())}"
 
     # ------------------------------------------------------------ sharing the work
     async def _announce(self) -> None:
         beat = wire.ServiceHeartbeat("analyzer", self.bus.instance, wire.now(), wire.now())
-        while True:
-            beat.updated_at = wire.now()
-            try:
-                await self.bus.put_with_ttl(subjects.BUCKET_LEASES, self._member_key,
-                                            wire.encode(beat), MEMBER_TTL)
-            except Exception as exc:
-                log.debug("membership refresh failed", error=str(exc))
-            await asyncio.sleep(MEMBER_EVERY)
+        try:
+            while True:
+                beat.updated_at = wire.now()
+                try:
+                    await self.bus.put_with_ttl(subjects.BUCKET_LEASES, self._member_key,
+                                                wire.encode(beat), MEMBER_TTL)
+                except Exception as exc:
+                    log.debug("membership refresh failed", error=str(exc))
+                self._forget_departed()
+                await asyncio.sleep(MEMBER_EVERY)
+        except asyncio.CancelledError:
+            await self._leave()
+            raise
+
+    async def _leave(self) -> None:
+        """On stop: remove our member key now, so the others take our pairs at once.
+
+        A purge marker with a TTL: watchers drop the key, and the marker itself expires
+        (instance names change with each process; markers must not pile up).
+        """
+        try:
+            await asyncio.wait_for(self.bus.kv(subjects.BUCKET_LEASES).purge(
+                self._member_key, msg_ttl=MEMBER_TTL), 2)
+            log.info("left the analyzer members", key=self._member_key)
+        except Exception as exc:
+            log.warning("could not remove the member key; it expires by itself",
+                        key=self._member_key, error=str(exc))
+
+    def _forget_departed(self) -> None:
+        """Drop members whose heartbeat is older than MEMBER_TTL from the local copy."""
+        now = wire.now()
+        for key, beat in self.members.items():
+            if key != self._member_key and now - beat.updated_at >= MEMBER_TTL:
+                self.members.apply(key, 1 << 62, None)  # a later heartbeat brings it back
+
+    def live_members(self) -> list[str]:
+        """Member keys whose heartbeat is less than MEMBER_TTL old, ours always included.
+
+        The KV watch never sees a key expire by its TTL, so age decides. A member whose
+        clock is far behind ours is not counted here while it counts itself: its pairs
+        may then be attempted twice (compare-and-set keeps one), never by nobody.
+        """
+        now = wire.now()
+        live = {key for key, beat in self.members.items()
+                if now - beat.updated_at < MEMBER_TTL}
+        live.add(self._member_key)
+        return sorted(live)
 
     def owns(self, pair: Pair) -> bool:
-        members = set(self.members.keys()) | {self._member_key}
+        members = self.live_members()
         if len(members) == 1:
             return True
         return max(members, key=lambda m: _score(pair, m)) == self._member_key
@@ -135,7 +182,7 @@ class Analyzer:
 
     async def _loop(self) -> None:
         await asyncio.gather(self.host.loaded.wait(), self.contexts.ready.wait(),
-                             self.state.wait_ready())
+                             self.state.wait_ready(), self.members.ready.wait())
         while True:
             pairs = self.pairs()
             now = time.monotonic()
@@ -171,16 +218,39 @@ class Analyzer:
                 pass
 
     async def _cleanup(self) -> None:
-        """Forget context records of applications that were deleted."""
+        """Forget context records of applications that were deleted.
+
+        Compare-and-set on the revision seen, so a record written meanwhile (the
+        application published again) is never deleted by a stale view.
+        """
         apps = set(self.state.apps()) | {subjects.GLOBAL_APP}
         for key in self.contexts.keys():
             policy, _, app = key.partition(".")
-            if app not in apps and self.owns((policy, app)):
-                self.contexts.apply(key, 1 << 62, None)
-                try:
-                    await self.bus.kv(subjects.BUCKET_CONTEXT).delete(key)
-                except Exception as exc:
-                    log.debug("context cleanup failed", key=key, error=str(exc))
+            item = self.contexts.get(key)
+            if item is None or app in apps or not self.owns((policy, app)):
+                continue
+            try:
+                await self.bus.kv(subjects.BUCKET_CONTEXT).delete(key, last=item[0])
+            except Exception as exc:
+                log.debug("context cleanup failed", key=key, error=str(exc))
+                continue
+            self.contexts.apply(key, item[0], None)
+
+    def generation(self, app: str) -> str | None:
+        """The generation of ``app``'s stored description ("" for _global; None: gone)."""
+        if app == subjects.GLOBAL_APP:
+            return ""
+        stored = self.state.descs.value(desc_key("app", app))
+        return None if stored is None else stored.generation
+
+    def _record(self, policy: Policy, app: str,
+                generation: str) -> tuple[int, wire.ContextRecord]:
+        """The pair's revision and record; a record of another generation counts as absent
+        (fresh initial context), though its revision is kept for compare-and-set."""
+        revision, record = self.contexts.get(wire.context_key(policy.name, app)) or (0, None)
+        if record is None or record.generation != generation:
+            record = wire.ContextRecord(context=_copy(policy.initial), generation=generation)
+        return revision, record
 
     # ------------------------------------------------------------ one evaluation
     async def _evaluate_guarded(self, policy: Policy, pair: Pair, forced: bool) -> None:
@@ -199,9 +269,10 @@ class Analyzer:
     async def evaluate(self, policy: Policy, app: str, *, forced: bool = False) -> None:
         """One analysis of (policy, app); ``forced`` skips the once-per-interval check."""
         key = wire.context_key(policy.name, app)
-        revision, record = self.contexts.get(key) or (0, None)
-        if record is None:
-            record = wire.ContextRecord(context=_copy(policy.initial))
+        generation = self.generation(app)
+        if generation is None:
+            return  # deleted since the pairs were computed
+        revision, record = self._record(policy, app, generation)
         if record.inflight:
             await self._maybe_republish(record)
             return
@@ -214,11 +285,12 @@ class Analyzer:
         new = wire.ContextRecord(context=context, last_eval=wire.now(),
                                  last_verdict=verdict_flag, last_plan_id=record.last_plan_id,
                                  evaluations=record.evaluations + 1,
-                                 policy_digest=policy.plugin.digest)
+                                 policy_digest=policy.plugin.digest, generation=generation)
         verdict = None
         if verdict_flag:
             verdict = wire.Verdict(
-                verdict_id=wire.make_id("v", policy.name, app, revision, record.evaluations),
+                verdict_id=wire.make_id("v", policy.name, app, generation, revision,
+                                        record.evaluations),
                 app=app, policy=policy.name, created_at=wire.now(), context=context)
             new.inflight, new.inflight_since, new.outbox_verdict = (
                 verdict.verdict_id, verdict.created_at, verdict)
@@ -304,13 +376,16 @@ class Analyzer:
         if not isinstance(params, dict):
             return {"accepted": False, "error": "params must be a JSON object"}
         key = wire.context_key(policy.name, app)
-        revision, record = self.contexts.get(key) or (0, None)
-        record = record or wire.ContextRecord(context=_copy(policy.initial))
+        generation = self.generation(app)
+        if generation is None:
+            return {"accepted": False, "error": f"application {app!r} was deleted"}
+        revision, record = self._record(policy, app, generation)
         if record.inflight:
             return {"accepted": False, "error": f"a plan is already in flight ({record.inflight})"}
         context = {**record.context, "trigger": {"params": params, "at": wire.now()}}
         verdict = wire.Verdict(
-            verdict_id=wire.make_id("v", policy.name, app, revision, record.evaluations, "t"),
+            verdict_id=wire.make_id("v", policy.name, app, generation, revision,
+                                    record.evaluations, "t"),
             app=app, policy=policy.name, created_at=wire.now(), context=context,
             trigger="manual")
         new = msgspec.structs.replace(record, inflight=verdict.verdict_id,

@@ -1,9 +1,11 @@
 """Monitor: the loop's inputs.
 
-Descriptions: operators publish on ``desc.<kind>.<name>``; monitors share the subject in
-a queue group, validate each description, store accepted ones in the ``desc`` bucket
-(an empty payload deletes) and answer the reply subject with the verdict. Rejections also
-go to ``error.desc`` and never replace the last accepted description.
+Descriptions: operators publish on ``desc.<kind>.<name>``; monitors share the subject in a
+queue group, validate each description, store accepted ones in the ``desc`` bucket (an
+empty payload deletes) and answer the reply subject with the verdict. A stored description
+carries a ``generation``: new when its key did not exist or was deleted, kept on updates,
+so a name deleted and published again is a new application to the loop. Rejections also go
+to ``error.desc`` and never replace the last accepted description.
 
 Telemetry: the Monitor follows every policy context and collects what they ask for
 (``telemetry.metrics``) at the smallest ``telemetry.system_scrape_interval``; the set and
@@ -14,10 +16,13 @@ kept in JetStream for the configured retention.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import uuid
 from typing import Any
 
 import msgspec
+import nats.js.errors as jserr
 from nats.aio.msg import Msg
 
 from mlsysops import descriptions, http, logs, subjects, telemetry, wire
@@ -109,10 +114,34 @@ class Monitor:
             return reply
         stored = wire.StoredDescription(kind=kind, name=reply.name, spec=result.spec or {},
                                         accepted_at=wire.now())
-        reply.revision = await kv.put(key, wire.encode(stored))
+        reply.revision = await self._put(kv, key, stored)
         log.info("description accepted", kind=kind, name=reply.name, revision=reply.revision,
                  warnings=len(reply.warnings))
         return reply
+
+    async def _put(self, kv: Any, key: str, stored: wire.StoredDescription) -> int:
+        """Store a description, keeping its generation on an update, a new one otherwise.
+
+        Compare-and-set against the entry read, so that two monitors storing the same new
+        name at once agree on one generation.
+        """
+        while True:
+            try:
+                entry = await kv.get(key)
+            except (jserr.KeyNotFoundError, jserr.KeyDeletedError):
+                entry = None
+            previous = None
+            if entry is not None and entry.value:
+                with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+                    previous = wire.STORED_DESC.decode(entry.value)
+            stored.generation = (previous.generation if previous is not None
+                                 else uuid.uuid4().hex[:16])
+            try:
+                if entry is not None:
+                    return int(await kv.update(key, wire.encode(stored), last=entry.revision))
+                return int(await kv.create(key, wire.encode(stored)))
+            except jserr.KeyWrongLastSequenceError:
+                continue  # stored meanwhile by another monitor: read it again
 
     # ------------------------------------------------------------ telemetry
     async def _follow_policies(self) -> None:
