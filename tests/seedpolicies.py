@@ -13,6 +13,7 @@ them skip with that reason (``tests.requirements.need_seeds``).
 from __future__ import annotations
 
 import re
+
 from tests.requirements import need_seeds
 
 IMPORTS = "import inspect\nimport re\nimport time\n\n"
