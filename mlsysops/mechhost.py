@@ -25,7 +25,8 @@ _SAFE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 class MechanismHost:
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
-        self.directory = PluginDirectory("mechanism", bus.settings.mechanism_dir, ("apply",))
+        self.directory = PluginDirectory("mechanism", bus.settings.mechanism_dir, ("apply",),
+                                         threads=bus.settings.plugin_threads)
         self.loaded = asyncio.Event()
         self.listeners: list[Any] = []
 

@@ -6,9 +6,13 @@ loads each file as its own module and keeps the load error with its traceback wh
 is broken, so one bad plugin never stops a service. Only files directly inside the
 directory are loaded; a symlink that resolves outside it is refused.
 
-Every call into a plugin goes through :class:`PluginRunner`: one thread with its own
-event loop per plugin, so a plugin that blocks (a ``time.sleep`` in an ``async def``)
-stalls only itself, and a call that exceeds its deadline is abandoned.
+Every call into a plugin goes through its :class:`PluginRunner`: a plain (blocking)
+function runs on one of a bounded pool of threads of that plugin (``--plugin-threads``),
+an ``async def`` on the plugin's own thread and event loop, so a plugin that blocks
+stalls only itself. A call's deadline starts when the call starts running, not while it
+waits for a thread; a call that overruns it is abandoned (:class:`CallAbandoned`, outcome
+unknown), and one that cannot run because the plugin was unloaded gets
+:class:`PluginUnloaded`, which is not the plugin's fault.
 """
 
 from __future__ import annotations
@@ -17,10 +21,13 @@ import asyncio
 import hashlib
 import importlib.util
 import inspect
+import math
 import re
 import sys
 import threading
+import time
 import traceback
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +35,7 @@ from types import ModuleType
 from typing import Any
 
 from mlsysops import logs
-from mlsysops.errors import PluginError
+from mlsysops.errors import CallAbandoned, PluginError
 
 log = logs.get(__name__)
 
@@ -43,13 +50,169 @@ def plugin_name(path: Path) -> str | None:
     return m.group(1) if m else None
 
 
-class PluginRunner:
-    """Runs one plugin's functions on a dedicated thread and event loop."""
+DEFAULT_THREADS = 8
+IDLE_THREAD_EXIT = 60.0  # an idle pool thread ends after this long without work
 
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self._loop = asyncio.new_event_loop()
+
+class PluginUnloaded(PluginError):
+    """A call that did not run, or was cut short, because its plugin was unloaded.
+
+    Its file changed or was removed, or the service is stopping: that is not the plugin's
+    doing, so it never counts towards quarantine.
+    """
+
+
+class UnloadedWhileRunning(PluginUnloaded, CallAbandoned):
+    """A call still running when its plugin was unloaded: ended for its caller at once.
+
+    A blocking function cannot be stopped and a cancelled coroutine may have done part of
+    its work, so the outcome is unknown (for ``apply``: it may or may not have taken
+    effect).
+    """
+
+
+class _Job:
+    """One call of a plain (blocking) function, from its queueing to its end."""
+
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], label: str,
+                 timeout: float, loop: asyncio.AbstractEventLoop) -> None:
+        self.fn, self.args, self.label, self.timeout, self.loop = fn, args, label, timeout, loop
+        self.started: asyncio.Future[None] = loop.create_future()  # set when it runs
+        self.outcome: asyncio.Future[Any] = loop.create_future()
+        self.deadline = math.inf  # time.monotonic() at which it overruns, once it runs
+        self.overdue = False  # its caller abandoned it at its deadline
+
+
+class _ThreadPool:
+    """At most ``size`` threads that run one plugin's plain functions, in call order.
+
+    A call waits here for a free thread without its deadline running. A thread stays
+    taken until the function really returns, even after its call was abandoned (Python
+    cannot stop a thread); when every thread is taken by such an overdue call, waiting is
+    pointless and calls are refused at once instead.
+    """
+
+    def __init__(self, name: str, size: int) -> None:
+        self.name, self.size = name, size
+        self._cond = threading.Condition()
+        self._queue: deque[_Job] = deque()
+        self._running: set[_Job] = set()
+        self._threads = 0
+        self._idle = 0
+        self._made = 0
         self._closed = False
+
+    def submit(self, job: _Job, plugin: str) -> None:
+        with self._cond:
+            if self._closed:
+                raise PluginUnloaded(plugin, f"{job.label}() cannot run: the plugin was unloaded")
+            if self._stuck():
+                raise self._stuck_error(plugin, job)
+            self._queue.append(job)
+            if len(self._queue) > self._idle and self._threads < self.size:
+                self._threads += 1
+                self._made += 1
+                threading.Thread(target=self._work, name=f"plugin-{self.name}-{self._made}",
+                                 daemon=True).start()
+            else:
+                self._cond.notify()
+
+    def withdraw(self, job: _Job) -> None:
+        """The caller stopped waiting: a call that has not started never will."""
+        with self._cond:
+            if job in self._queue:
+                self._queue.remove(job)
+
+    def abandoned(self, job: _Job, plugin: str) -> None:
+        """``job`` overran its deadline; refuse what waits if every thread is now stuck."""
+        with self._cond:
+            job.overdue = True
+            if not self._stuck():
+                return
+            waiting = list(self._queue)
+            self._queue.clear()
+        for other in waiting:
+            _post(other.loop, _settle, other.started, None, self._stuck_error(plugin, other))
+
+    def close(self, plugin: str) -> None:
+        """Unloaded: calls waiting for a thread never run; running ones end for their callers."""
+        with self._cond:
+            self._closed = True
+            waiting, running = list(self._queue), list(self._running)
+            self._queue.clear()
+            self._cond.notify_all()
+        for job in waiting:
+            _post(job.loop, _settle, job.started, None, PluginUnloaded(
+                plugin, f"{job.label}() cannot run: the plugin was unloaded"))
+        for job in running:
+            _post(job.loop, _settle, job.outcome, None, UnloadedWhileRunning(
+                plugin, f"{job.label}() was abandoned: the plugin was unloaded while it ran, "
+                        "and its outcome is unknown"))
+
+    def _stuck(self) -> bool:
+        now = time.monotonic()
+        return len(self._running) >= self.size and all(
+            j.overdue or j.deadline <= now for j in self._running)
+
+    def _stuck_error(self, plugin: str, job: _Job) -> PluginError:
+        return PluginError(plugin, f"{job.label}() cannot run: all {self.size} of the "
+                                   "plugin's threads are held by calls that overran their "
+                                   "deadline")
+
+    def _work(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._queue and not self._closed:
+                        self._idle += 1
+                        try:
+                            woken = self._cond.wait(IDLE_THREAD_EXIT)
+                        finally:
+                            self._idle -= 1
+                        if not woken and not self._queue:
+                            return
+                    if self._closed:
+                        return
+                    job = self._queue.popleft()
+                    job.deadline = time.monotonic() + job.timeout
+                    self._running.add(job)
+                _post(job.loop, _settle, job.started, None, None)
+                result: Any = None
+                error: BaseException | None = None
+                try:
+                    result = _call_plain(job.fn, job.args)
+                except Exception as exc:
+                    error = exc
+                with self._cond:
+                    self._running.discard(job)
+                _post(job.loop, _settle, job.outcome, result, error)
+                del job, result, error  # hold nothing of a finished call while idle
+        finally:
+            with self._cond:
+                self._threads -= 1
+
+
+class PluginRunner:
+    """Runs one plugin's functions: plain ones on a bounded pool, async ones on a loop.
+
+    An ``async def`` runs on the plugin's own thread and event loop; its deadline starts
+    when it is handed to that loop (a coroutine that blocks the loop delays the plugin's
+    other coroutines, and that delay is the plugin's own). A plain function runs on one
+    of at most ``threads`` threads of the plugin; its deadline starts when it starts
+    running, so calls waiting for a thread never use it up.
+    """
+
+    def __init__(self, name: str, threads: int = DEFAULT_THREADS, *,
+                 plugin: str | None = None) -> None:
+        if threads < 1:
+            raise ValueError(f"a plugin needs at least one thread, not {threads}")
+        self.name = name  # of its threads: plugin-<name>, plugin-<name>-<n>
+        self.plugin = plugin or name  # named by its errors
+        self._loop = asyncio.new_event_loop()
+        self._lock = threading.Lock()  # orders starting coroutines against stop()
+        self._closed = False
+        self._loop_calls: set[_LoopCall] = set()  # async calls in flight
+        self._pool = _ThreadPool(name, threads)
         self._thread = threading.Thread(target=self._run, name=f"plugin-{name}", daemon=True)
         self._thread.start()
 
@@ -59,8 +222,8 @@ class PluginRunner:
             self._loop.run_forever()
         finally:
             self._closed = True
-            # Calls still running when the plugin is unloaded end now (as cancelled), so
-            # their callers get an error instead of waiting for their deadline.
+            # Coroutines still running when the plugin is unloaded are cancelled (their
+            # callers were already told by stop()).
             pending = asyncio.all_tasks(self._loop)
             for task in pending:
                 task.cancel()
@@ -71,60 +234,101 @@ class PluginRunner:
     async def call(
         self, fn: Callable[..., Any], *args: Any, timeout: float
     ) -> Any:
-        """Call ``fn(*args)`` (sync or async) on the plugin thread, within ``timeout`` s.
+        """Call ``fn(*args)`` (sync or async) for the plugin, within ``timeout`` s of its start.
 
         Whatever the plugin raises (even ``TimeoutError``, ``SystemExit`` or
         ``KeyboardInterrupt``) is raised here as an ``Exception``; only a call that really
-        overruns ``timeout`` gets the "exceeded its deadline" :class:`PluginError`.
+        overruns ``timeout`` once running gets :class:`CallAbandoned` ("exceeded its
+        deadline"). A call that cannot run, or is cut short, because the plugin was
+        unloaded gets :class:`PluginUnloaded`.
         """
         label = getattr(fn, "__name__", "call")
+        if self._closed:
+            raise PluginUnloaded(self.plugin, f"{label}() cannot run: the plugin was unloaded")
+        if _is_async(fn):
+            return await self._on_loop(lambda: fn(*args), label, timeout,
+                                       time.monotonic() + timeout)
+        result, deadline = await self._in_pool(fn, args, label, timeout)
+        if inspect.isawaitable(result):  # a plain function that returned a coroutine
+            return await self._on_loop(lambda: result, label, timeout, deadline)
+        return result
+
+    def _overran(self, label: str, timeout: float) -> CallAbandoned:
+        return CallAbandoned(self.plugin, f"{label} exceeded its deadline of {timeout:g}s, "
+                                          "was abandoned, and its outcome is unknown")
+
+    async def _in_pool(self, fn: Callable[..., Any], args: tuple[Any, ...], label: str,
+                       timeout: float) -> tuple[Any, float]:
+        job = _Job(fn, args, label, timeout, asyncio.get_running_loop())
+        self._pool.submit(job, self.plugin)
+        try:
+            await job.started  # waiting for a thread: no deadline yet
+        except asyncio.CancelledError:
+            self._pool.withdraw(job)
+            raise
+        try:
+            done, _ = await asyncio.wait({job.outcome},
+                                         timeout=max(0.0, job.deadline - time.monotonic()))
+        except BaseException:  # the caller was cancelled: nobody waits for the call any more
+            job.outcome.cancel()
+            raise
+        if not done:
+            job.outcome.cancel()
+            self._pool.abandoned(job, self.plugin)
+            raise self._overran(label, timeout)
+        return job.outcome.result(), job.deadline
+
+    async def _on_loop(self, make: Callable[[], Any], label: str, timeout: float,
+                       deadline: float) -> Any:
         caller = asyncio.get_running_loop()
-        outcome: asyncio.Future[Any] = caller.create_future()
-        started: list[asyncio.Task[Any]] = []
+        call = _LoopCall(caller, label)
+        outcome = call.outcome
 
         def settle(task: asyncio.Task[Any]) -> None:  # on the plugin thread
+            error: BaseException | None
             if task.cancelled():
-                error: BaseException | None = PluginError(
-                    self.name, f"{label}() was cancelled: the plugin was unloaded or cancelled it")
+                # Abandoned calls, cancelled callers and unloads (see stop) no longer
+                # listen: whoever still does sees a cancellation the plugin's code raised.
+                error = PluginError(self.plugin, f"{label}() was cancelled inside the plugin")
                 result = None
             else:
                 error = task.exception()  # read even if nobody waits any more
                 result = None if error is not None else task.result()
-            try:
-                caller.call_soon_threadsafe(_settle, outcome, result, error)
-            except RuntimeError:  # the caller's loop is gone: nobody is waiting
-                pass
+            _post(caller, _settle, outcome, result, error)
 
         def start() -> None:  # on the plugin thread
-            task = self._loop.create_task(_invoke(fn, args))
-            task.add_done_callback(settle)
-            started.append(task)
+            with self._lock:
+                if self._closed:  # unloaded before it could start: stop() told the caller
+                    return
+                call.task = self._loop.create_task(_invoke(make))
+            call.task.add_done_callback(settle)
 
         def abandon() -> None:  # on the plugin thread
-            for task in started:
-                task.cancel()
+            if call.task is not None:
+                call.task.cancel()
 
-        if self._closed:
-            raise PluginError(self.name, f"{label}() cannot run: the plugin was unloaded")
+        with self._lock:
+            if self._closed:
+                raise PluginUnloaded(self.plugin, f"{label}() cannot run: the plugin was "
+                                                  "unloaded")
+            self._loop_calls.add(call)
         try:
             self._loop.call_soon_threadsafe(start)
-        except RuntimeError:  # loop closed meanwhile
-            raise PluginError(
-                self.name, f"{label}() cannot run: the plugin was unloaded"
-            ) from None
-        try:
-            done, _ = await asyncio.wait({outcome}, timeout=timeout)
-        except BaseException:  # the caller was cancelled: so is the call
-            outcome.cancel()
-            self._abandon(abandon)
-            raise
-        if not done:
-            outcome.cancel()
-            self._abandon(abandon)
-            raise PluginError(
-                self.name, f"{label} exceeded its deadline of {timeout:g}s and was abandoned"
-            )
-        return outcome.result()
+            try:
+                done, _ = await asyncio.wait({outcome},
+                                             timeout=max(0.0, deadline - time.monotonic()))
+            except BaseException:  # the caller was cancelled: so is the call
+                outcome.cancel()
+                self._abandon(abandon)
+                raise
+            if not done:
+                outcome.cancel()
+                self._abandon(abandon)
+                raise self._overran(label, timeout)
+            return outcome.result()
+        finally:
+            with self._lock:
+                self._loop_calls.discard(call)
 
     def _abandon(self, abandon: Callable[[], None]) -> None:
         try:
@@ -133,10 +337,38 @@ class PluginRunner:
             pass
 
     def stop(self) -> None:
+        """Unload: every call in flight ends for its caller now, even on a blocked loop.
+
+        Calls that had not started never will (:class:`PluginUnloaded`); running ones
+        are cancelled or, for plain functions, left to finish in their thread, and their
+        callers get :class:`UnloadedWhileRunning` (outcome unknown).
+        """
+        with self._lock:
+            self._closed = True
+            calls = list(self._loop_calls)
+        for call in calls:
+            if call.task is None:
+                error: PluginError = PluginUnloaded(
+                    self.plugin, f"{call.label}() cannot run: the plugin was unloaded")
+            else:
+                error = UnloadedWhileRunning(
+                    self.plugin, f"{call.label}() was cancelled: the plugin was unloaded "
+                                 "while it ran, and its outcome is unknown")
+            _post(call.caller, _settle, call.outcome, None, error)
+        self._pool.close(self.plugin)
         try:
             self._loop.call_soon_threadsafe(self._loop.stop)
         except RuntimeError:  # already stopped and closed
             pass
+
+
+class _LoopCall:
+    """One call of an ``async def`` on the plugin's loop; ``task`` is set once it starts."""
+
+    def __init__(self, caller: asyncio.AbstractEventLoop, label: str) -> None:
+        self.caller, self.label = caller, label
+        self.outcome: asyncio.Future[Any] = caller.create_future()
+        self.task: asyncio.Task[Any] | None = None
 
 
 class _Escaped(Exception):
@@ -151,9 +383,24 @@ class _Escaped(Exception):
         self.original = original
 
 
-async def _invoke(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+def _is_async(fn: Callable[..., Any]) -> bool:
+    """An ``async def`` (or an object whose ``__call__`` is one)."""
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        type(fn).__call__)
+
+
+def _call_plain(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
     try:
-        result = fn(*args)
+        return fn(*args)
+    except Exception:
+        raise
+    except BaseException as exc:
+        raise _Escaped(exc) from exc
+
+
+async def _invoke(make: Callable[[], Any]) -> Any:
+    try:
+        result = make()
         if inspect.isawaitable(result):
             result = await result
         return result
@@ -163,6 +410,14 @@ async def _invoke(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
         raise
     except BaseException as exc:
         raise _Escaped(exc) from exc
+
+
+def _post(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
+    """Run ``fn(*args)`` on ``loop`` from any thread; a closed loop has nobody waiting."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        pass
 
 
 def _settle(outcome: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
@@ -186,7 +441,9 @@ class Plugin:
     module: ModuleType | None = None
     error: str = ""
     traceback: str = ""
+    threads: int = DEFAULT_THREADS  # of the pool that runs its plain functions
     runner: PluginRunner | None = field(default=None, repr=False)
+    closed: bool = field(default=False, repr=False)
 
     @property
     def loaded(self) -> bool:
@@ -200,8 +457,11 @@ class Plugin:
         fn = self.function(attr)
         if fn is None:
             raise PluginError(self.name, f"has no function {attr}()")
+        if self.closed:
+            raise PluginUnloaded(self.name, f"{attr}() cannot run: the plugin was unloaded")
         if self.runner is None:
-            self.runner = PluginRunner(f"{self.kind}-{self.name}")
+            self.runner = PluginRunner(f"{self.kind}-{self.name}", self.threads,
+                                       plugin=self.name)
         try:
             return await self.runner.call(fn, *args, timeout=timeout)
         except PluginError:
@@ -214,6 +474,7 @@ class Plugin:
             ) from exc
 
     def close(self) -> None:
+        self.closed = True
         if self.runner is not None:
             self.runner.stop()
         # Drop the module so that every reload does not leave one behind in sys.modules.
@@ -224,10 +485,12 @@ class Plugin:
 class PluginDirectory:
     """The plugins of one kind in one directory, reloaded when files change."""
 
-    def __init__(self, kind: str, directory: str | Path, required: tuple[str, ...]) -> None:
+    def __init__(self, kind: str, directory: str | Path, required: tuple[str, ...], *,
+                 threads: int = DEFAULT_THREADS) -> None:
         self.kind = kind
         self.directory = Path(directory)
         self.required = required
+        self.threads = threads  # per plugin, for its plain (blocking) functions
         self.plugins: dict[str, Plugin] = {}
 
     def get(self, name: str) -> Plugin | None:
@@ -289,7 +552,7 @@ class PluginDirectory:
         return found
 
     def _load(self, name: str, path: Path, digest: str) -> Plugin:
-        plugin = Plugin(self.kind, name, path, digest)
+        plugin = Plugin(self.kind, name, path, digest, threads=self.threads)
         try:
             plugin.module = load_module(self.kind, name, path, digest)
             missing = [f for f in self.required if plugin.function(f) is None]

@@ -3,8 +3,9 @@
 Wraps :class:`mlsysops.plugins.PluginDirectory` for policies: after a file (re)loads, its
 ``initialize()`` runs once to read the framework settings (interval, scope, core, ...);
 any failure there is a load error. Failures of ``analyze``/``plan`` are counted per
-policy; after ``quarantine_after`` consecutive ones the policy is quarantined until its
-file changes. Load and quarantine state is published to the ``status`` bucket and every
+policy (only the policy's own: a call ended by an unload is not one, see :meth:`failed`);
+after ``quarantine_after`` consecutive ones the policy is quarantined until its file
+changes. Load and quarantine state is published to the ``status`` bucket and every
 failure as an error event on ``error.policy.<name>``.
 """
 
@@ -17,7 +18,7 @@ from typing import Any
 from mlsysops import logs, subjects, wire
 from mlsysops.bus import Bus
 from mlsysops.errors import PluginError
-from mlsysops.plugins import Plugin, PluginDirectory
+from mlsysops.plugins import Plugin, PluginDirectory, PluginUnloaded
 from mlsysops.policies import PolicySettings, check_context, policy_settings
 
 log = logs.get(__name__)
@@ -43,7 +44,8 @@ class PolicyHost:
 
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
-        self.directory = PluginDirectory("policy", bus.settings.policy_dir, ("analyze", "plan"))
+        self.directory = PluginDirectory("policy", bus.settings.policy_dir, ("analyze", "plan"),
+                                         threads=bus.settings.plugin_threads)
         self.policies: dict[str, Policy] = {}
         self.loaded = asyncio.Event()
         self.listeners: list[Any] = []
@@ -107,7 +109,19 @@ class PolicyHost:
         policy.failures = 0
 
     async def failed(self, policy: Policy, app: str, what: str, exc: PluginError) -> None:
-        """Count a failure, report it, and quarantine the policy when it keeps failing."""
+        """Count a failure, report it, and quarantine the policy when it keeps failing.
+
+        Only the policy's own errors count: it raised, returned something unusable,
+        overran its deadline once running, or every one of its threads is still held by
+        calls that did. A call that could not run or was cut short because the policy was
+        unloaded (its file changed or was removed; the service is stopping) is not its
+        failure: it is logged, neither counted nor reported. Waiting for one of its
+        threads is never a failure (that wait has no deadline).
+        """
+        if isinstance(exc, PluginUnloaded):
+            log.info("call ended by an unload, not counted", policy=policy.name, app=app,
+                     call=what, reason=exc.message)
+            return
         policy.failures += 1
         await self.bus.report(wire.ErrorEvent(kind="policy", name=policy.name, app=app,
                                               message=f"{what}: {exc.message}",

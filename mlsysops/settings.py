@@ -48,6 +48,8 @@ class Settings:
     call_timeout: float = _opt(10.0, "deadline of one policy or mechanism call", kind="duration")  # type: ignore[assignment]
     apply_timeout: float = _opt(25.0, "deadline of one mechanism apply", kind="duration")  # type: ignore[assignment]
     quarantine_after: int = _opt(5, "consecutive failures after which a policy is quarantined")  # type: ignore[assignment]
+    plugin_threads: int = _opt(  # type: ignore[assignment]
+        8, "threads per plugin that run its plain (non-async) functions concurrently")
     telemetry_interval: float = _opt(  # type: ignore[assignment]
         5.0, "default telemetry period when no policy asks", kind="duration")
     telemetry_retention: float = _opt(3600.0, "how long telemetry history is kept", kind="duration")  # type: ignore[assignment]
@@ -168,7 +170,8 @@ def load(
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # Smallest and largest accepted value of the integer settings.
 INT_RANGES = {"http_port": (-1, 65535), "quarantine_after": (1, None),
-              "telemetry_history": (0, None), "max_payload": (1, None)}
+              "telemetry_history": (0, None), "max_payload": (1, None),
+              "plugin_threads": (1, 256)}
 
 
 def _check(s: Settings) -> None:
