@@ -27,7 +27,7 @@ import nats.js.api as api
 from bench import plugins
 from bench.common import PREFIX, Fleet, NatsServer, Workdir, connect, cpu_seconds, wait_for
 from mlsysops import settings as settings_mod
-from mlsysops import wire
+from mlsysops import subjects, wire
 from mlsysops.bus import Bus
 
 PLANS_STREAM = f"{PREFIX.upper()}_PLANS"
@@ -48,6 +48,16 @@ async def _fill(js: Any, count: int, mix: str) -> None:
     # in order: publish acks come back in order on one connection, so batches keep it
     for start in range(0, count, 256):
         await asyncio.gather(*(one(i) for i in range(start, min(count, start + 256))))
+
+
+async def _describe(bus: Bus, count: int) -> None:
+    """Store a description for every application (the scheduler discards plans of
+    applications that have none), as the monitor would have stored them."""
+    kv = bus.kv(subjects.BUCKET_DESC)
+    for start in range(0, count, 256):
+        await asyncio.gather(*(kv.put(f"app.app-{i:05d}", wire.encode(wire.StoredDescription(
+            kind="app", name=f"app-{i:05d}", spec={}, accepted_at=wire.now())))
+            for i in range(start, min(count, start + 256))))
 
 
 async def raw_consume(js: Any, count: int, durable: str, *, sync: bool) -> float:
@@ -98,6 +108,7 @@ async def measure(count: int, mix: str, *, keep: bool = False,
                                          "MLSYSOPS_STORAGE": "file"})
             bus = Bus(cfg, "bench")
             await bus.connect()  # creates the streams and buckets as the services do
+            await _describe(bus, count)
             await bus.close()
             js = nc.jetstream()
             await _fill(js, count, mix)
