@@ -1,9 +1,13 @@
 """Durable pull consumers shared by the replicas of a service.
 
-:func:`consume` creates (or binds to) a durable consumer and feeds each message to a
-handler with at most ``concurrency`` in flight. A handler acks, naks or terminates the
-message itself; if it raises, the message is left for redelivery after ``ack_wait``.
-The loop survives broker restarts by fetching again.
+:func:`consume` creates (or binds to, updating its ack wait) a durable consumer and feeds
+each message to a handler with at most ``concurrency`` in flight. It fetches only as many
+messages as it has free slots, so no message waits in this process unattended, and it
+keeps every message it holds alive with in-progress acks every ``ack_wait / 4`` until the
+handler returns: a long handler needs no keep-alive of its own, and the ack wait can stay
+short, so that a message whose process died is redelivered within seconds. A handler
+acks, naks or terminates the message itself; if it raises, the message is left for
+redelivery after ``ack_wait``. The loop survives broker restarts by fetching again.
 """
 
 from __future__ import annotations
@@ -14,13 +18,38 @@ from collections.abc import Awaitable, Callable
 
 import nats.errors
 import nats.js.api as api
+import nats.js.errors as jserr
 from nats.aio.msg import Msg
+from nats.js.client import JetStreamContext
 
 from mlsysops import http, logs
 from mlsysops.bus import Bus
 
 log = logs.get(__name__)
 LAG_EVERY = 5.0  # seconds between consumer lag readings
+MAX_BATCH = 64  # messages asked for in one fetch, at most
+
+
+class _Slots:
+    """Free handler slots; unlike a semaphore it says how many are free."""
+
+    def __init__(self, size: int) -> None:
+        self.free = size
+        self._freed = asyncio.Event()
+
+    async def wait(self) -> int:
+        """Wait for at least one free slot; return how many are free."""
+        while self.free <= 0:
+            self._freed.clear()
+            await self._freed.wait()
+        return self.free
+
+    def take(self) -> None:
+        self.free -= 1
+
+    def give(self) -> None:
+        self.free += 1
+        self._freed.set()
 
 
 async def consume(
@@ -38,31 +67,58 @@ async def consume(
         durable_name=durable, ack_policy=api.AckPolicy.EXPLICIT, ack_wait=ack_wait,
         max_ack_pending=max_ack_pending, deliver_policy=api.DeliverPolicy.ALL,
     )
-    slots = asyncio.Semaphore(concurrency)
+    slots = _Slots(concurrency)
     running: set[asyncio.Future[None]] = set()
+    held: dict[int, tuple[Msg, float]] = {}  # id(msg) -> (msg, when it was taken)
+    ticker = asyncio.ensure_future(_keep_held_alive(held, ack_wait / 4))
     try:
-        await _loop(bus, durable, stream, config, handler, family, concurrency, slots, running)
+        await _loop(bus, durable, stream, config, handler, family, slots, running, held)
     finally:
+        ticker.cancel()
         for task in running:  # stopping: unacked messages come back to another replica
             task.cancel()
-        await asyncio.gather(*running, return_exceptions=True)
+        await asyncio.gather(ticker, *running, return_exceptions=True)
+
+
+async def _subscribe(bus: Bus, durable: str, stream: str,
+                     config: api.ConsumerConfig) -> JetStreamContext.PullSubscription:
+    """Bind to the durable, first updating an existing one made with other timers.
+
+    ``pull_subscribe`` leaves an existing durable as it is, so a store kept across an
+    upgrade would keep its old ack wait for ever.
+    """
+    try:
+        info = await bus.js.consumer_info(stream, durable)
+    except jserr.NotFoundError:
+        info = None
+    if info is not None and (
+            abs((info.config.ack_wait or 0) - (config.ack_wait or 0)) > 0.001
+            or info.config.max_ack_pending != config.max_ack_pending):
+        try:
+            await bus.js.add_consumer(stream, config)  # create-or-update: same name
+            log.info("consumer updated", consumer=durable, ack_wait=config.ack_wait,
+                     max_ack_pending=config.max_ack_pending)
+        except Exception as exc:
+            log.warning("could not update the consumer; using it as it is", consumer=durable,
+                        error=repr(exc))
+    return await bus.js.pull_subscribe("", durable=durable, stream=stream, config=config)
 
 
 async def _loop(bus: Bus, durable: str, stream: str, config: api.ConsumerConfig,
-                handler: Callable[[Msg], Awaitable[None]], family: str, concurrency: int,
-                slots: asyncio.Semaphore, running: set[asyncio.Future[None]]) -> None:
+                handler: Callable[[Msg], Awaitable[None]], family: str, slots: _Slots,
+                running: set[asyncio.Future[None]], held: dict[int, tuple[Msg, float]]) -> None:
     sub = None
     lag_due = 0.0
     while True:
+        free = await slots.wait()  # fetch only what can start now: nothing waits unattended
         try:
             if sub is None:
-                sub = await bus.js.pull_subscribe("", durable=durable, stream=stream,
-                                                  config=config)
+                sub = await _subscribe(bus, durable, stream, config)
             if time.monotonic() >= lag_due:
                 lag_due = time.monotonic() + LAG_EVERY
                 info = await sub.consumer_info()
                 http.LAG.labels(bus.service, durable).set(info.num_pending or 0)
-            batch = await sub.fetch(min(concurrency, 64), timeout=5)
+            batch = await sub.fetch(min(free, MAX_BATCH), timeout=5)
         except (nats.errors.TimeoutError, TimeoutError):
             continue
         except asyncio.CancelledError:
@@ -72,15 +128,18 @@ async def _loop(bus: Bus, durable: str, stream: str, config: api.ConsumerConfig,
             sub = None
             await asyncio.sleep(0.5)
             continue
+        # nats.py may hand back more than asked (late deliveries of an earlier pull):
+        # those start too, over the limit for a moment, rather than wait unattended
         for msg in batch:
-            await slots.acquire()
-            task = asyncio.ensure_future(_run(bus.service, family, handler, msg, slots))
+            slots.take()
+            held[id(msg)] = (msg, time.monotonic())
+            task = asyncio.ensure_future(_run(bus.service, family, handler, msg, slots, held))
             running.add(task)
             task.add_done_callback(running.discard)
 
 
 async def _run(service: str, kind: str, handler: Callable[[Msg], Awaitable[None]], msg: Msg,
-               slots: asyncio.Semaphore) -> None:
+               slots: _Slots, held: dict[int, tuple[Msg, float]]) -> None:
     started = time.perf_counter()
     try:
         await handler(msg)
@@ -90,15 +149,35 @@ async def _run(service: str, kind: str, handler: Callable[[Msg], Awaitable[None]
         log.error("handler failed; message left for redelivery", kind=kind, error=repr(exc),
                   exc_info=exc)
     finally:
-        slots.release()
+        held.pop(id(msg), None)
+        slots.give()
         http.LATENCY.labels(service, kind).observe(time.perf_counter() - started)
+
+
+async def _keep_held_alive(held: dict[int, tuple[Msg, float]], every: float) -> None:
+    """Every ``every`` s, an in-progress ack for each held message older than half that.
+
+    A message is thus heard from at least every ``every`` s (a quarter of the ack wait)
+    for as long as its handler runs, and is redelivered only if this process stops.
+    """
+    while True:
+        await asyncio.sleep(every)
+        now = time.monotonic()
+        for msg, since in list(held.values()):
+            if now - since < every / 2 or msg.is_acked:
+                continue  # just taken, or already acked by its handler
+            try:
+                await msg.in_progress()
+            except Exception as exc:  # disconnected: the next round tries again
+                log.debug("in-progress ack failed", error=repr(exc))
 
 
 async def keep_alive(msg: Msg, every: float) -> None:
     """Tell JetStream, every ``every`` s, that ``msg`` is still being worked on.
 
-    Run it as a task beside a long handler: the ack wait can then stay short, so that a
-    message whose handler died is redelivered soon.
+    :func:`consume` already does this for every message it holds; this is for handlers
+    of other consumers (or that want a shorter period). A second in-progress ack is
+    harmless.
     """
     while True:
         await asyncio.sleep(every)

@@ -2,11 +2,13 @@
 
 Requests come from a durable consumer shared by all executor replicas. Before calling
 ``apply`` the executor creates the (plan, mechanism) entry in the ledger; creation is
-atomic, so a redelivered request finds the entry and never applies twice. While ``apply``
-runs the message is kept alive with in-progress acks. If an executor dies inside
-``apply`` the entry stays ``started``: the redelivered request then records the
-execution as failed ("interrupted, outcome unknown") instead of applying again, because
-mechanisms are best effort and not retried (the next analysis sees the real state).
+atomic, so a redelivered request finds the entry and never applies twice. The consumer
+keeps each request alive with in-progress acks while it is handled, so the ack wait is
+short (4 s). If an executor dies inside ``apply`` the entry stays ``started``: the
+request is redelivered within seconds and records the execution with outcome
+``unknown`` ("interrupted: ...") instead of applying again, because mechanisms are best
+effort and not retried (the next analysis sees the real state). An ``apply`` abandoned
+at its deadline is ``unknown`` too: it may still take effect.
 
 Each executor also publishes every mechanism's ``get_status``/``get_options`` on
 ``status.<mechanism>`` and in the ``status`` bucket, periodically and after each apply.
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 import nats.js.errors as jserr
@@ -25,14 +27,19 @@ from tenacity import AsyncRetrying, stop_after_delay, wait_exponential
 
 from mlsysops import inbound, logs, subjects, wire
 from mlsysops.bus import Bus
-from mlsysops.consumer import consume, keep_alive
-from mlsysops.errors import PluginError
+from mlsysops.consumer import consume
+from mlsysops.errors import CallAbandoned, PluginError
 from mlsysops.mechhost import MechanismHost
 from mlsysops.plugins import Plugin
 from mlsysops.state import StateView, mech_key
 
 log = logs.get(__name__)
-ACK_WAIT = 30.0  # redelivery of a request whose executor died (kept alive while applying)
+# Redelivery of a request whose executor died: the consumer keeps a request alive with
+# in-progress acks every ACK_WAIT / 4 while it is handled, so this bounds (with the restart
+# of a pull) how soon an apply cut by a dead executor is reported.
+ACK_WAIT = 4.0
+CONCURRENCY = 16  # requests handled at once by one executor
+RECORD_FOR = 300.0  # seconds the outcome of an apply is retried into the ledger
 INTERRUPTED = ("interrupted: the executor stopped during apply; the outcome is unknown and "
                "the command is not applied again (mechanisms are best effort)")
 
@@ -62,7 +69,7 @@ class Executor:
     async def _consume(self) -> None:
         await self.mechanisms.loaded.wait()
         await self.state.wait_ready()
-        await consume(self.bus, "exec", "executor", self.handle, concurrency=16,
+        await consume(self.bus, "exec", "executor", self.handle, concurrency=CONCURRENCY,
                       ack_wait=ACK_WAIT)
 
     # ------------------------------------------------------------ one request
@@ -83,33 +90,31 @@ class Executor:
             await self._seen_before(request, key)
             await msg.ack()
             return
-        result = await self._apply(request, msg)
+        result = await self._apply(request)
         entry.state = result.outcome
         entry.finished_at, entry.error = result.finished_at, result.error
-        await self._record(msg, key, entry, revision)
+        await self._record(key, entry, revision)
         await self._publish_result(result)
         await msg.ack()
         plugin = self.mechanisms.get(request.mechanism)
         if plugin is not None:  # policies should see the new state soon
             await self._publish_status(request.mechanism, plugin)
 
-    async def _record(self, msg: Msg, key: str, entry: wire.LedgerEntry, revision: int) -> None:
-        """Store the outcome in the ledger, retrying (the outcome is known; never lose it)."""
+    async def _record(self, key: str, entry: wire.LedgerEntry, revision: int) -> None:
+        """Store the outcome in the ledger, retrying (the outcome is known; never lose it).
+
+        The consumer keeps the request alive meanwhile, so it is not redelivered.
+        """
         ledger = self.bus.kv(subjects.BUCKET_LEDGER)
-        keepalive = asyncio.ensure_future(keep_alive(msg, 1.0))
-        try:
-            async for attempt in AsyncRetrying(wait=wait_exponential(multiplier=0.2, max=2),
-                                               stop=stop_after_delay(ACK_WAIT * 10),
-                                               reraise=True):
-                with attempt:
-                    try:
-                        await ledger.update(key, wire.encode(entry), last=revision)
-                    except jserr.KeyWrongLastSequenceError:
-                        found = await ledger.get(key)  # written by an earlier attempt?
-                        if wire.LEDGER.decode(found.value or b"").state == "started":
-                            raise
-        finally:
-            keepalive.cancel()
+        async for attempt in AsyncRetrying(wait=wait_exponential(multiplier=0.2, max=2),
+                                           stop=stop_after_delay(RECORD_FOR), reraise=True):
+            with attempt:
+                try:
+                    await ledger.update(key, wire.encode(entry), last=revision)
+                except jserr.KeyWrongLastSequenceError:
+                    found = await ledger.get(key)  # written by an earlier attempt?
+                    if wire.LEDGER.decode(found.value or b"").state == "started":
+                        raise
 
     async def _seen_before(self, request: wire.ExecRequest, key: str) -> None:
         """A redelivery: re-announce a finished result, or close an interrupted apply."""
@@ -117,7 +122,7 @@ class Executor:
         found = await ledger.get(key)
         entry = wire.LEDGER.decode(found.value or b"")
         if entry.state == "started":
-            entry.state, entry.error, entry.finished_at = "failed", INTERRUPTED, wire.now()
+            entry.state, entry.error, entry.finished_at = "unknown", INTERRUPTED, wire.now()
             await ledger.update(key, wire.encode(entry), last=found.revision)
             log.warning("apply was interrupted; not applied again", plan_id=request.plan_id,
                         mechanism=request.mechanism)
@@ -127,25 +132,25 @@ class Executor:
             duration=max(0.0, entry.finished_at - entry.started_at),
             finished_at=entry.finished_at, executor=entry.executor))
 
-    async def _apply(self, request: wire.ExecRequest, msg: Msg) -> wire.ExecResult:
+    async def _apply(self, request: wire.ExecRequest) -> wire.ExecResult:
         started = time.perf_counter()
         error = ""
+        outcome: wire.Outcome = "applied"
         plugin = self.mechanisms.get(request.mechanism)
-        keepalive = asyncio.ensure_future(keep_alive(msg, ACK_WAIT / 3))
         try:
             if plugin is None:
                 raise PluginError(request.mechanism, "mechanism is not loaded by this executor")
             await plugin.call("apply", _with_plan_id(request),
                               timeout=self.bus.settings.apply_timeout)
         except PluginError as exc:
+            # CallAbandoned: overran its deadline (or its plugin was unloaded while it ran)
+            # and may still take effect, so the outcome is unknown, not failed
+            outcome = "unknown" if isinstance(exc, CallAbandoned) else "failed"
             error = exc.message
             await self.bus.report(wire.ErrorEvent(kind="mechanism", name=request.mechanism,
                                                   app=request.app, message=error,
                                                   traceback=exc.traceback,
                                                   details={"plan_id": request.plan_id}))
-        finally:
-            keepalive.cancel()
-        outcome: Literal["applied", "failed"] = "failed" if error else "applied"
         log.info("executed", plan_id=request.plan_id, mechanism=request.mechanism,
                  outcome=outcome, error=error)
         return wire.ExecResult(plan_id=request.plan_id, mechanism=request.mechanism,

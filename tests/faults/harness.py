@@ -298,11 +298,11 @@ def exactly_once(trace: Trace, rec: Recorder, mechanism: str = "rec") -> tuple[l
         elif result["outcome"] == "applied":
             if n != 1:
                 problems.append(f"{plan_id}: result applied but recorded {n} times")
-        elif INTERRUPTED in result["error"]:
-            interrupted += 1
+        elif result["outcome"] == "unknown":  # interrupted, or abandoned at its deadline
+            interrupted += INTERRUPTED in result["error"]
             applied_anyway += n
             if n > 1:
-                problems.append(f"{plan_id}: interrupted but recorded {n} times")
+                problems.append(f"{plan_id}: outcome unknown but recorded {n} times")
         elif n:
             problems.append(f"{plan_id}: failed ({result['error']}) but recorded {n} times")
     for plan_id in trace.results.keys() - scheduled.keys():
