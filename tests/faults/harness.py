@@ -345,7 +345,8 @@ def conflicts(trace: Trace, rec: Recorder, exec_timeout: float,
     """Problems with "first plan per conflict key wins until its execution ends".
 
     Per conflict key: a plan is scheduled only once the execution scheduled before it
-    ended (or its claim expired), so two executions never overlap; a ``discarded``
+    ended (or its claim expired: ``exec_timeout`` after that execution started), so two
+    executions never overlap; a ``discarded``
     decision names as holder a plan scheduled on the same key, ahead of it in the plans
     stream or decided before it, whose claim had not expired and whose execution the
     executor had not yet recorded as ended (its result's ``finished_at``; the scheduler
@@ -359,6 +360,13 @@ def conflicts(trace: Trace, rec: Recorder, exec_timeout: float,
     def recorded_end(plan_id: str) -> float:  # as the scheduler can know it
         result = trace.results.get(plan_id)
         return float(result["finished_at"]) if result else inf
+
+    def started(plan_id: str) -> float:  # a claim runs out --exec-timeout after this
+        if plan_id in runs:
+            return runs[plan_id][0]
+        result = trace.results.get(plan_id)  # ended without a line: interrupted or failed
+        return float(result["finished_at"]) - float(result.get("duration") or 0) if result \
+            else inf
 
     def actual_end(plan_id: str) -> float:  # when apply really returned
         return runs[plan_id][1] if plan_id in runs else recorded_end(plan_id)
@@ -381,7 +389,7 @@ def conflicts(trace: Trace, rec: Recorder, exec_timeout: float,
                 ahead = (position.get(holder["plan_id"], 0) < position.get(d["plan_id"], 0)
                          or holder["decided_at"] < d["decided_at"])
                 ended = recorded_end(holder["plan_id"])
-                expired = d["decided_at"] > holder["decided_at"] + exec_timeout + slack
+                expired = d["decided_at"] > started(holder["plan_id"]) + exec_timeout + slack
                 if not ahead or expired or ended < d["decided_at"] - slack:
                     problems.append(f"{key}: {d['plan_id']} discarded at {d['decided_at']:.3f} "
                                     f"naming {holder['plan_id']} (ahead: {ahead}, claim "
@@ -390,7 +398,7 @@ def conflicts(trace: Trace, rec: Recorder, exec_timeout: float,
                 continue
             if last is not None:
                 held_until = actual_end(last["plan_id"])
-                expired = d["decided_at"] >= last["decided_at"] + exec_timeout
+                expired = d["decided_at"] >= started(last["plan_id"]) + exec_timeout
                 if not expired and held_until >= d["decided_at"] + slack:
                     problems.append(f"{key}: {d['plan_id']} scheduled at {d['decided_at']:.3f} "
                                     f"while {last['plan_id']} held it until {held_until:.3f}")

@@ -144,9 +144,9 @@ async def test_plan_order_survives_a_lost_lease(process_loop, cfg, plugin_dirs) 
         js = nc.jetstream()
 
         async def plan(n: int, slow: float = 0) -> None:
-            p = wire.Plan(plan_id=f"P{n}", app="a", policy="p", created_at=wire.now(),
+            p = wire.Plan(plan_id=f"P{n}", app="_global", policy="p", created_at=wire.now(),
                           commands={"slowkey": {"n": n, "slow": slow}})
-            await js.publish("mlsysops.plan.a.p", wire.encode(p),
+            await js.publish("mlsysops.plan._global.p", wire.encode(p),
                              headers={"Nats-Msg-Id": p.plan_id})
 
         await plan(1, slow=1.8)
