@@ -24,8 +24,8 @@ RUN python -m venv /opt/mlsysops
 WORKDIR /src
 # The dependencies first, exactly as locked (with hashes; pip and setuptools included):
 # a change in the code does not invalidate this layer.
-COPY requirements/runtime.lock requirements/runtime.lock
-RUN /opt/mlsysops/bin/pip install --require-hashes -r requirements/runtime.lock
+COPY requirements-runtime.txt ./
+RUN /opt/mlsysops/bin/pip install --require-hashes -r requirements-runtime.txt
 COPY pyproject.toml README.md* LICENSE* ./
 COPY mlsysops/ mlsysops/
 COPY services/ services/

@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # Every install is from a lock with hashes (pip and setuptools included), never from
 # whatever is newest that day. `make lock` refreshes both locks from pyproject.toml.
-LOCK   := requirements/test.lock
+LOCK   := requirements.txt
 UV     := uv==0.13.8
 
 .PHONY: up test lint bench bench-quick clean lock
@@ -24,9 +24,9 @@ lock:
 	$(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/pip install --quiet $(UV)
 	.lock-venv/bin/uv pip compile --quiet --upgrade --universal --python-version 3.11 \
-	  --generate-hashes pyproject.toml requirements/build.in --extra test -o requirements/test.lock
+	  --generate-hashes pyproject.toml requirements-build.in --extra test -o requirements.txt
 	.lock-venv/bin/uv pip compile --quiet --upgrade --universal --python-version 3.11 \
-	  --generate-hashes pyproject.toml requirements/build.in -o requirements/runtime.lock
+	  --generate-hashes pyproject.toml requirements-build.in -o requirements-runtime.txt
 	rm -rf .lock-venv
 
 up: $(STAMP)
