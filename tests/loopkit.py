@@ -167,3 +167,16 @@ async def stored(js: Any, family: str, subject: str) -> int:
     """How many messages the stream of ``family`` keeps on ``subject``."""
     info = await js.stream_info(f"MLSYSOPS_{family}", subjects_filter=subject)
     return int((info.state.subjects or {}).get(subject, 0))
+
+
+async def scheduler_active(url: str) -> bool:
+    """Whether a scheduler replica holds the lease (and so decides plans)."""
+    nc = await nats.connect(url)
+    try:
+        kv = await nc.jetstream().key_value("mlsysops-leases")
+        entry = await kv.get("leader.scheduler")
+        return bool(json.loads(entry.value or b"{}").get("instance"))
+    except Exception:
+        return False
+    finally:
+        await nc.close()

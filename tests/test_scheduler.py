@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 
 import nats
 
@@ -33,7 +32,7 @@ async def test_first_plan_wins_and_later_ones_name_the_holder(loop_, cfg, plugin
     nc = await nats.connect(cfg.nats_url)
     js = nc.jetstream()
     try:
-        await kit.wait_for(lambda: _active(cfg.nats_url), what="active scheduler")
+        await kit.wait_for(lambda: kit.scheduler_active(cfg.nats_url), what="active scheduler")
         await _publish_plan(js, "A", {"recorder": {"n": "A", "sleep": 1.5}})
         await _publish_plan(js, "B", {"recorder": {"n": "B"}})
         await _publish_plan(js, "C", {"recorder": {"n": "C", "key": "other"}})
@@ -73,7 +72,7 @@ async def test_redelivered_plan_applies_once(loop_, cfg, plugin_dirs) -> None:
     nc = await nats.connect(cfg.nats_url)
     js = nc.jetstream()
     try:
-        await kit.wait_for(lambda: _active(cfg.nats_url), what="active scheduler")
+        await kit.wait_for(lambda: kit.scheduler_active(cfg.nats_url), what="active scheduler")
         # the same plan three times, with different message ids so JetStream keeps all three
         for copy in range(3):
             await _publish_plan(js, "P1", {"recorder": {"n": 1}}, msg_id=f"P1-{copy}")
@@ -108,7 +107,7 @@ async def test_claims_survive_a_scheduler_restart(loop_, cfg, plugin_dirs) -> No
     nc = await nats.connect(cfg.nats_url)
     js = nc.jetstream()
     try:
-        await kit.wait_for(lambda: _active(cfg.nats_url), what="active scheduler")
+        await kit.wait_for(lambda: kit.scheduler_active(cfg.nats_url), what="active scheduler")
         await _publish_plan(js, "L", {"recorder": {"n": "L", "sleep": 8}})
         await kit.wait_for(lambda: "L" in _decisions(events), what="L decided")
         await loop_.stop("scheduler")
@@ -120,15 +119,3 @@ async def test_claims_survive_a_scheduler_restart(loop_, cfg, plugin_dirs) -> No
     finally:
         await nc.close()
         await watcher.close()
-
-
-async def _active(url: str) -> bool:
-    nc = await nats.connect(url)
-    try:
-        kv = await nc.jetstream().key_value("mlsysops-leases")
-        entry = await kv.get("leader.scheduler")
-        return bool(json.loads(entry.value or b"{}").get("instance"))
-    except Exception:
-        return False
-    finally:
-        await nc.close()
