@@ -170,18 +170,3 @@ async def _keep_held_alive(held: dict[int, tuple[Msg, float]], every: float) -> 
                 await msg.in_progress()
             except Exception as exc:  # disconnected: the next round tries again
                 log.debug("in-progress ack failed", error=repr(exc))
-
-
-async def keep_alive(msg: Msg, every: float) -> None:
-    """Tell JetStream, every ``every`` s, that ``msg`` is still being worked on.
-
-    :func:`consume` already does this for every message it holds; this is for handlers
-    of other consumers (or that want a shorter period). A second in-progress ack is
-    harmless.
-    """
-    while True:
-        await asyncio.sleep(every)
-        try:
-            await msg.in_progress()
-        except Exception:
-            return

@@ -23,14 +23,14 @@ from nats.aio.msg import Msg
 
 from mlsysops import inbound, logs, subjects, wire
 from mlsysops.bus import Bus
-from mlsysops.consumer import consume, keep_alive
+from mlsysops.consumer import consume
 from mlsysops.errors import PluginError
 from mlsysops.policies import check_context, check_plan, check_result
 from mlsysops.policyhost import PolicyHost
 from mlsysops.state import StateView
 
 log = logs.get(__name__)
-ACK_WAIT = 5.0  # a verdict whose planner died comes back this soon (kept alive meanwhile)
+ACK_WAIT = 5.0  # a verdict whose planner died comes back this soon (consume() keeps it alive)
 DECISION_WAIT = 30.0  # how long a plan waits for its decisions before the verdict is naked
 LAST_DECISION = "_last_decision"  # the context key where a policy finds it
 
@@ -83,7 +83,7 @@ class Planner:
             return
         plan = record.outbox_plan
         if plan is None or plan.verdict_id != verdict.verdict_id:
-            made = await self._make_plan(verdict, msg)
+            made = await self._make_plan(verdict)
             if made is None:
                 await self._release(key, revision, record, record.context, None)
                 await msg.ack()
@@ -100,7 +100,7 @@ class Planner:
         await self.bus.publish(self.bus.subjects.plan(plan.app, plan.policy), plan,
                                msg_id=plan.plan_id)
         log_.info("plan", plan_id=plan.plan_id, mechanisms=sorted(plan.commands))
-        decided = await self._decisions(plan, msg)
+        decided = await self._decisions(plan)
         if decided is None:  # no scheduler decided in time: keep it all and ask again later
             log_.warning("no decision on the plan yet; the verdict comes back",
                          plan_id=plan.plan_id)
@@ -111,14 +111,13 @@ class Planner:
                             plan.plan_id)
         await msg.ack()
 
-    async def _decisions(self, plan: wire.Plan, msg: Msg) -> wire.PlanDecisions | None:
+    async def _decisions(self, plan: wire.Plan) -> wire.PlanDecisions | None:
         """The scheduler's stored decisions on ``plan``, once it has made them.
 
         Woken by the decision events; the stored record is what counts (the scheduler
         stores it before publishing anything). None after ``DECISION_WAIT`` seconds.
         """
         waiter = self._waiting.setdefault(plan.plan_id, asyncio.Event())
-        keepalive = asyncio.ensure_future(keep_alive(msg, ACK_WAIT / 3))
         deadline = asyncio.get_running_loop().time() + DECISION_WAIT
         try:
             while True:
@@ -130,7 +129,6 @@ class Planner:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(waiter.wait(), min(1.0, remaining))
         finally:
-            keepalive.cancel()
             self._waiting.pop(plan.plan_id, None)
 
     async def _stored_decisions(self, plan_id: str) -> wire.PlanDecisions | None:
@@ -153,8 +151,7 @@ class Planner:
             if waiter is not None:
                 waiter.set()
 
-    async def _make_plan(self, verdict: wire.Verdict,
-                         msg: Msg) -> tuple[wire.Plan, dict[str, Any]] | None:
+    async def _make_plan(self, verdict: wire.Verdict) -> tuple[wire.Plan, dict[str, Any]] | None:
         policy = self.host.get(verdict.policy)
         if policy is not None and policy.quarantined:
             return None  # reported when it was quarantined; runs again when its file changes
@@ -169,12 +166,8 @@ class Planner:
         args = (verdict.context, apps, self.state.system_description(), self.state.mechanisms(),
                 self.state.telemetry(), self.bus.settings.ml_connector_url or None)
         try:
-            keepalive = asyncio.ensure_future(keep_alive(msg, ACK_WAIT / 3))
-            try:
-                result = await policy.plugin.call("plan", *args,
-                                                  timeout=self.bus.settings.call_timeout)
-            finally:
-                keepalive.cancel()
+            result = await policy.plugin.call("plan", *args,
+                                              timeout=self.bus.settings.call_timeout)
             commands, context = check_result(policy.name, "plan", result)
             commands = check_plan(policy.name, commands)
             check_context(policy.name, context, what="plan()")
