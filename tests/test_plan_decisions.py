@@ -9,8 +9,11 @@ next analysis instead of never. Either way the policy finds the decision in
 
 from __future__ import annotations
 
+import asyncio
+import json
 from typing import Any
 
+import nats
 import pytest
 
 from tests import loopkit as kit
@@ -65,3 +68,49 @@ async def test_a_discarded_one_shot_plan_is_made_again_and_applied(loop_, cfg, p
     assert last["committed"] is False
     winner = "first" if loser == "second" else "second"
     assert applied[winner]["last"] is None
+
+
+async def test_a_plan_made_while_no_scheduler_runs_is_decided_once_one_starts(
+        loop_, cfg, plugin_dirs, monkeypatch):
+    """With no scheduler the pair stays in flight (its verdict comes back after the
+    planner's decision wait) and nothing is planned twice; once a scheduler runs, the
+    plan is decided, applied once, and the policy's context is committed."""
+    import services.planner.service as planner
+
+    monkeypatch.setattr(planner, "DECISION_WAIT", 1.0)
+    policies, mechanisms = plugin_dirs
+    log = kit.recorder(mechanisms)
+    (policies / "policy-solo.py").write_text(ONE_SHOT.format(name="solo"))
+    loop_.start("monitor", "analyzer", "planner", "executor")
+    events: list[dict[str, Any]] = []
+    nc = await kit.collect(cfg.nats_url, events, families=("plan", "result"))
+    try:
+        reply = await kit.publish_desc(cfg.nats_url, "app", "shop", kit.app_doc("shop"))
+        assert reply["accepted"], reply
+        await kit.wait_for(lambda: any(e["subject"].startswith("mlsysops.plan.")
+                                       for e in events), what="the plan")
+        await asyncio.sleep(3.5)  # three decision waits: the verdict came back meanwhile
+        plans = {e["plan_id"] for e in events if e["subject"].startswith("mlsysops.plan.")}
+        assert len(plans) == 1, plans  # re-published with its id at most, never made again
+        loop_.start("scheduler")
+        await kit.wait_for(lambda: kit.applied(log), timeout=30, what="the apply")
+        await asyncio.sleep(1.5)
+    finally:
+        await nc.close()
+    assert len(kit.applied(log)) == 1
+    assert [e["plan_id"] for e in events if e["subject"].startswith("mlsysops.result.")] == [
+        *plans]
+    context = await _context(cfg.nats_url, "solo.shop")
+    assert context["planned"] is True
+    assert context["_last_decision"]["outcome"] == "scheduled"
+    assert context["_last_decision"]["committed"] is True
+
+
+async def _context(url: str, key: str) -> dict[str, Any]:
+    nc = await nats.connect(url)
+    try:
+        kv = await nc.jetstream().key_value("mlsysops-context")
+        entry = await kv.get(key)
+        return json.loads(entry.value or b"{}")["context"]  # type: ignore[no-any-return]
+    finally:
+        await nc.close()
