@@ -90,6 +90,8 @@ class Verdict(msgspec.Struct):
     created_at: float
     context: dict[str, Any] = {}
     trigger: str = "interval"
+    # digest of the policy file that made the verdict ("" from an older analyzer)
+    policy_digest: str = ""
 
 
 class Plan(msgspec.Struct):

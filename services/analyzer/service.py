@@ -291,7 +291,8 @@ class Analyzer:
             verdict = wire.Verdict(
                 verdict_id=wire.make_id("v", policy.name, app, generation, revision,
                                         record.evaluations),
-                app=app, policy=policy.name, created_at=wire.now(), context=context)
+                app=app, policy=policy.name, created_at=wire.now(), context=context,
+                policy_digest=policy.plugin.digest)
             new.inflight, new.inflight_since, new.outbox_verdict = (
                 verdict.verdict_id, verdict.created_at, verdict)
         if not await self._store(key, revision, new):
@@ -387,7 +388,7 @@ class Analyzer:
             verdict_id=wire.make_id("v", policy.name, app, generation, revision,
                                     record.evaluations, "t"),
             app=app, policy=policy.name, created_at=wire.now(), context=context,
-            trigger="manual")
+            trigger="manual", policy_digest=policy.plugin.digest)
         new = msgspec.structs.replace(record, inflight=verdict.verdict_id,
                                       inflight_since=verdict.created_at, outbox_verdict=verdict)
         if not await self._store(key, revision, new):
