@@ -4,7 +4,8 @@ A policy's ``initialize()`` returns its initial context. The framework honours t
 (everything else belongs to the policy): ``configuration.analyze_interval``, ``scope``
 (``application`` or ``global``), ``core``, ``mechanisms``, ``packages`` and
 ``telemetry``. :func:`policy_settings` turns them into a :class:`PolicySettings` or a
-clear load error; :func:`check_context` and :func:`check_plan` check what analyze and
+clear load error; :func:`interval_of` reads the interval from a live context;
+:func:`check_context` and :func:`check_plan` check what analyze and
 plan hand back.
 """
 
@@ -17,7 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from mlsysops.errors import PluginError
+from mlsysops.errors import BadInput, PluginError
 from mlsysops.intervals import parse_duration
 
 DEFAULT_INTERVAL = 10.0
@@ -44,10 +45,7 @@ def policy_settings(name: str, context: Any) -> PolicySettings:
     if not isinstance(config, dict):
         raise PluginError(name, "context key 'configuration' must be a dict")
     try:
-        interval = parse_duration(
-            config.get("analyze_interval", DEFAULT_INTERVAL),
-            what="configuration.analyze_interval", minimum=MIN_INTERVAL,
-        )
+        interval = _parse_interval(config.get("analyze_interval", DEFAULT_INTERVAL))
     except Exception as exc:
         raise PluginError(name, str(exc)) from None
     scope = context.get("scope", "application")
@@ -67,6 +65,27 @@ def policy_settings(name: str, context: Any) -> PolicySettings:
         on_telemetry=_flag(name, "configuration.analyze_on_telemetry",
                            config.get("analyze_on_telemetry", False)),
     )
+
+
+def _parse_interval(value: Any) -> float:
+    """Seconds in an ``analyze_interval`` value, or :class:`BadInput` saying why not."""
+    return parse_duration(value, what="configuration.analyze_interval", minimum=MIN_INTERVAL)
+
+
+def interval_of(context: Any, default: float) -> float:
+    """The ``configuration.analyze_interval`` of a live context, else ``default``.
+
+    Upstream policies change their interval by editing this key in the context that
+    analyze returns; it is parsed as :func:`policy_settings` parses it, and a missing or
+    invalid value leaves ``default`` (the interval in force) unchanged.
+    """
+    config = context.get("configuration") if isinstance(context, dict) else None
+    if not isinstance(config, dict) or "analyze_interval" not in config:
+        return default
+    try:
+        return _parse_interval(config["analyze_interval"])
+    except BadInput:
+        return default
 
 
 def _check_packages(name: str, packages: Any) -> None:
