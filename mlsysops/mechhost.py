@@ -3,6 +3,12 @@
 The executor calls ``apply``/``get_status``/``get_options``; the scheduler only calls
 ``conflict_key`` (which narrows what counts as "the same mechanism"). Both load the same
 directory, rescanned every second, and publish load errors like policies do.
+
+Reloading is as for policies (:mod:`mlsysops.plugins`): files are imported off the event
+loop (the scheduler renews its lease on it), a new version replaces the old one at once,
+an ``apply`` running on the old version finishes there (its outcome is known, not cut
+short into "unknown"), and a changed file that fails to load leaves the old version
+serving, with the error reported.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from typing import Any
 from mlsysops import logs, subjects, wire
 from mlsysops.bus import Bus
 from mlsysops.errors import PluginError
-from mlsysops.plugins import Plugin, PluginDirectory
+from mlsysops.plugins import Change, Plugin, PluginDirectory, kept_message
 
 log = logs.get(__name__)
 SCAN_EVERY = 1.0
@@ -28,7 +34,8 @@ class MechanismHost:
         self.directory = PluginDirectory("mechanism", bus.settings.mechanism_dir, ("apply",),
                                          threads=bus.settings.plugin_threads)
         self.loaded = asyncio.Event()
-        self.listeners: list[Any] = []
+        self.listeners: list[Any] = []  # async (name, the version serving or None)
+        self._scanning = asyncio.Lock()
 
     def get(self, name: str) -> Plugin | None:
         return self.directory.get(name)
@@ -38,28 +45,40 @@ class MechanismHost:
 
     async def watch(self) -> None:
         while True:
-            for name, plugin in self.directory.scan():
-                await self._publish(name, plugin)
-                for listener in self.listeners:
-                    await listener(name, plugin)
+            await self.rescan()
             self.loaded.set()
             await asyncio.sleep(SCAN_EVERY)
 
-    async def _publish(self, name: str, plugin: Plugin | None) -> None:
+    async def rescan(self) -> None:
+        """Import what changed off the loop, then put each change in place."""
+        async with self._scanning:
+            for change in await self.directory.prepare():
+                serving = self.directory.commit(change)
+                await self._publish(change, serving)
+                for listener in self.listeners:
+                    await listener(change.name, serving)
+
+    async def _publish(self, change: Change, serving: Plugin | None) -> None:
+        """The load state after ``change``: of the new version, or of the one kept."""
+        name, new = change.name, change.plugin
+        error = new.error if new is not None else "removed"
+        if new is not None and serving is not None and serving is not new:
+            error = kept_message(error, new, serving)
+        shown = serving or new
         status = wire.PluginStatus(
-            kind="mechanism", name=name, loaded=bool(plugin and plugin.loaded),
-            path=str(plugin.path) if plugin else "", error=plugin.error if plugin else "removed",
-            traceback=plugin.traceback if plugin else "", service=self.bus.service,
+            kind="mechanism", name=name, loaded=bool(serving and serving.loaded),
+            path=str(shown.path) if shown else "", error=error,
+            traceback=new.traceback if new else "", service=self.bus.service,
             updated_at=wire.now())
         key = f"plugin.{self.bus.service}.mechanism.{name}"
         try:
             await self.bus.kv(subjects.BUCKET_STATUS).put(key, wire.encode(status))
         except Exception as exc:
             log.warning("could not store plugin status", error=str(exc))
-        if plugin is not None and plugin.error:
+        if new is not None and new.error:
             await self.bus.report(wire.ErrorEvent(kind="mechanism", name=name,
-                                                  message=f"failed to load: {plugin.error}",
-                                                  traceback=plugin.traceback))
+                                                  message=f"failed to load: {error}",
+                                                  traceback=new.traceback))
 
     async def conflict_keys(self, plugin: Plugin, command: Any) -> list[str]:
         """The keys ``command`` claims on its mechanism, all or none.

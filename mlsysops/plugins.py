@@ -6,6 +6,15 @@ loads each file as its own module and keeps the load error with its traceback wh
 is broken, so one bad plugin never stops a service. Only files directly inside the
 directory are loaded; a symlink that resolves outside it is refused.
 
+A scan has two steps so that reloading races with nothing: :meth:`PluginDirectory.prepare`
+imports what changed on a thread of its own (plugin code runs at import: a slow import
+must not stall the service's event loop, which renews leases and handles messages), and
+:meth:`PluginDirectory.commit` then replaces each plugin at once, on the loop. Until
+then the old version serves. A changed file that fails to load leaves the old version
+serving (a typo in an edit does not stop a running plugin); a removed file unloads its
+plugin. A replaced version refuses new calls, lets the calls it is running finish (each
+within its own deadline), then unloads.
+
 Every call into a plugin goes through its :class:`PluginRunner`: a plain (blocking)
 function runs on one of a bounded pool of threads of that plugin (``--plugin-threads``),
 an ``async def`` on the plugin's own thread and event loop, so a plugin that blocks
@@ -444,6 +453,8 @@ class Plugin:
     threads: int = DEFAULT_THREADS  # of the pool that runs its plain functions
     runner: PluginRunner | None = field(default=None, repr=False)
     closed: bool = field(default=False, repr=False)
+    retiring: bool = field(default=False, repr=False)  # replaced: ends with its last call
+    calls: int = field(default=0, repr=False)  # calls in flight
 
     @property
     def loaded(self) -> bool:
@@ -459,9 +470,13 @@ class Plugin:
             raise PluginError(self.name, f"has no function {attr}()")
         if self.closed:
             raise PluginUnloaded(self.name, f"{attr}() cannot run: the plugin was unloaded")
+        if self.retiring:
+            raise PluginUnloaded(self.name, f"{attr}() cannot run: this version of the "
+                                            "plugin was replaced by a newer one")
         if self.runner is None:
             self.runner = PluginRunner(f"{self.kind}-{self.name}", self.threads,
                                        plugin=self.name)
+        self.calls += 1
         try:
             return await self.runner.call(fn, *args, timeout=timeout)
         except PluginError:
@@ -472,6 +487,27 @@ class Plugin:
                 self.name, f"{attr}() raised {type(original).__name__}: {original}",
                 traceback=traceback.format_exc(),
             ) from exc
+        finally:
+            self.calls -= 1
+            if self.retiring and not self.calls:
+                self.close()
+
+    def retire(self) -> None:
+        """Replaced by a newer version: refuse new calls, unload after the last one ends.
+
+        Calls in flight (running or waiting for a thread) go on, each within its own
+        deadline, so a replacement never cuts a call short (an ``apply`` that was running
+        has a known outcome). Unloading (:meth:`close`) still ends them at once.
+        """
+        self.retiring = True
+        if not self.calls:
+            self.close()
+
+    def fail(self, error: str, tb: str = "") -> None:
+        """Turn a loaded plugin into a failed one (its ``initialize()`` did not pass)."""
+        self.close()
+        self.module = None
+        self.error, self.traceback = error, tb
 
     def close(self) -> None:
         self.closed = True
@@ -482,8 +518,26 @@ class Plugin:
             del sys.modules[self.module.__name__]
 
 
+@dataclass
+class Change:
+    """A plugin file that changed since the last commit, and the version loaded from it."""
+
+    name: str
+    plugin: Plugin | None  # loaded, or failed with its error; None: the file was removed
+
+
+def kept_message(error: str, failed: Plugin, kept: Plugin) -> str:
+    """The load error of a changed file whose previous version goes on serving."""
+    return f"{error} (version {failed.digest}; the previous version {kept.digest} still serves)"
+
+
 class PluginDirectory:
-    """The plugins of one kind in one directory, reloaded when files change."""
+    """The plugins of one kind in one directory, reloaded when files change.
+
+    ``plugins`` holds the version serving for each name (or the failed one of a file
+    that never loaded); ``rejected`` the failed version of a changed file, while the
+    previous version keeps serving.
+    """
 
     def __init__(self, kind: str, directory: str | Path, required: tuple[str, ...], *,
                  threads: int = DEFAULT_THREADS) -> None:
@@ -492,6 +546,8 @@ class PluginDirectory:
         self.required = required
         self.threads = threads  # per plugin, for its plain (blocking) functions
         self.plugins: dict[str, Plugin] = {}
+        self.rejected: dict[str, Plugin] = {}
+        self._retiring: list[Plugin] = []  # replaced versions finishing their calls
 
     def get(self, name: str) -> Plugin | None:
         plugin = self.plugins.get(name)
@@ -502,26 +558,105 @@ class PluginDirectory:
 
     def close(self) -> None:
         """Stop every plugin's thread (when the service stops)."""
-        for plugin in self.plugins.values():
+        for plugin in [*self.plugins.values(), *self.rejected.values(), *self._retiring]:
             plugin.close()
+        self._retiring.clear()
 
     def scan(self) -> list[tuple[str, Plugin | None]]:
-        """Reload what changed. Returns (name, plugin or None if removed) per change."""
-        found = self._files()
-        changes: list[tuple[str, Plugin | None]] = []
-        for name in set(self.plugins) - set(found):
-            self.plugins.pop(name).close()
+        """Reload what changed, here and now (imports run on the calling thread).
+
+        Returns (name, the version loaded, or None if removed) per change; the version
+        serving afterwards is :meth:`get`'s. Services use :meth:`prepare` and
+        :meth:`commit`, which import off the event loop.
+        """
+        changes = self._prepare(self._known())
+        for change in changes:
+            self.commit(change)
+        return [(c.name, c.plugin) for c in changes]
+
+    async def prepare(self) -> list[Change]:
+        """What changed on disk, each changed file imported on a thread of its own.
+
+        Nothing is replaced yet: the current versions serve until :meth:`commit`. Plugin
+        code runs at import, and a slow import would otherwise stall the event loop.
+        """
+        known = self._known()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Change]] = loop.create_future()
+
+        def deliver(changes: list[Change]) -> None:  # on the loop
+            if future.done():  # the scan was cancelled (the service stops): discard them
+                _discard(changes)
+            else:
+                future.set_result(changes)
+
+        def fail(exc: BaseException) -> None:  # on the loop
+            if not future.done():
+                future.set_exception(exc)
+
+        def run() -> None:  # on the import thread
+            try:
+                changes = self._prepare(known)
+            except BaseException as exc:  # _load keeps plugin errors: this is a bug of ours
+                _post(loop, fail, exc)
+                return
+            try:
+                loop.call_soon_threadsafe(deliver, changes)
+            except RuntimeError:  # the loop is gone
+                _discard(changes)
+
+        threading.Thread(target=run, name=f"{self.kind}-import", daemon=True).start()
+        return await future
+
+    def commit(self, change: Change) -> Plugin | None:
+        """Put ``change`` in place at once; return the version serving now (None: none).
+
+        A removed file unloads its plugin, ending its calls in flight. A new version that
+        loaded replaces the old one, which finishes its calls in flight and then unloads.
+        A new version that failed to load over one that serves is kept in ``rejected``,
+        and the old version goes on serving.
+        """
+        name, new = change.name, change.plugin
+        serving = self.plugins.get(name)
+        rejected = self.rejected.pop(name, None)
+        if rejected is not None:
+            rejected.close()
+        if new is None:
+            self.plugins.pop(name, None)
+            if serving is not None:
+                serving.close()
             log.info("plugin removed", kind=self.kind, plugin=name)
-            changes.append((name, None))
+            return None
+        if not new.loaded and serving is not None and serving.loaded:
+            self.rejected[name] = new
+            log.error("changed plugin failed to load; the previous version still serves",
+                      kind=self.kind, plugin=name, digest=new.digest, serving=serving.digest,
+                      error=new.error)
+            return serving
+        self.plugins[name] = new
+        if serving is not None and serving is not new:
+            self._retire(serving)
+        return new
+
+    def _retire(self, plugin: Plugin) -> None:
+        plugin.retire()
+        self._retiring = [p for p in self._retiring if not p.closed]
+        if not plugin.closed:
+            self._retiring.append(plugin)
+
+    def _known(self) -> dict[str, str]:
+        """Per name, the digest of the file content already handled."""
+        known = {name: plugin.digest for name, plugin in self.plugins.items()}
+        known.update((name, plugin.digest) for name, plugin in self.rejected.items())
+        return known
+
+    def _prepare(self, known: dict[str, str]) -> list[Change]:
+        """Read the directory and load each changed file (any thread; changes nothing)."""
+        found = self._files()
+        changes = [Change(name, None) for name in known if name not in found]
         for name, (path, digest) in found.items():
-            current = self.plugins.get(name)
-            if current is not None and current.digest == digest:
-                continue
-            if current is not None:
-                current.close()
-            plugin = self._load(name, path, digest)
-            self.plugins[name] = plugin
-            changes.append((name, plugin))
+            if known.get(name) != digest:
+                changes.append(Change(name, self._load(name, path, digest)))
         return changes
 
     def _files(self) -> dict[str, tuple[Path, str]]:
@@ -570,9 +705,23 @@ class PluginDirectory:
         return plugin
 
 
+def _discard(changes: list[Change]) -> None:
+    for change in changes:
+        if change.plugin is not None:
+            change.plugin.close()
+
+
 def load_module(kind: str, name: str, path: Path, digest: str) -> ModuleType:
-    """Import ``path`` as a fresh module, with ``logger`` provided if it defines none."""
-    mod_name = f"mlsysops_{kind}_{name.replace('-', '_')}_{digest}"
+    """Import ``path`` as a fresh module, with ``logger`` provided if it defines none.
+
+    The module's name is unique even when the same content is loaded again (a file
+    reverted to the version still serving), so neither module replaces the other.
+    """
+    base = f"mlsysops_{kind}_{name.replace('-', '_')}_{digest}"
+    mod_name, n = base, 1
+    while mod_name in sys.modules:
+        n += 1
+        mod_name = f"{base}_{n}"
     spec = importlib.util.spec_from_file_location(mod_name, path)
     if spec is None or spec.loader is None:
         raise PluginError(name, f"cannot import {path}")

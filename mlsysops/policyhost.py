@@ -7,22 +7,31 @@ policy (only the policy's own: a call ended by an unload is not one, see :meth:`
 after ``quarantine_after`` consecutive ones the policy is quarantined until its file
 changes. Load and quarantine state is published to the ``status`` bucket and every
 failure as an error event on ``error.policy.<name>``.
+
+A changed file is swapped in atomically: it is imported off the event loop and
+initialised while the old version keeps serving, and only then replaces it (so verdicts
+arriving meanwhile are handled, by the old version). A new version that fails to import
+or to initialise is reported and the old one goes on serving. The digests of the
+versions served are remembered, so that the planner can tell a verdict made by an
+older version from one made by a version it has not loaded yet.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from mlsysops import logs, subjects, wire
 from mlsysops.bus import Bus
 from mlsysops.errors import PluginError
-from mlsysops.plugins import Plugin, PluginDirectory, PluginUnloaded
+from mlsysops.plugins import Change, Plugin, PluginDirectory, PluginUnloaded, kept_message
 from mlsysops.policies import PolicySettings, check_context, policy_settings
 
 log = logs.get(__name__)
 SCAN_EVERY = 1.0
+VERSIONS_KEPT = 64  # digests remembered per policy (see PolicyHost.served)
 
 
 @dataclass
@@ -49,12 +58,18 @@ class PolicyHost:
         self.policies: dict[str, Policy] = {}
         self.loaded = asyncio.Event()
         self.listeners: list[Any] = []
+        self._versions: dict[str, deque[str]] = {}  # digests served, per policy
+        self._scanning = asyncio.Lock()
 
     def get(self, name: str) -> Policy | None:
         return self.policies.get(name)
 
     def active(self) -> list[Policy]:
         return [p for p in self.policies.values() if not p.quarantined]
+
+    def served(self, name: str, digest: str) -> bool:
+        """Whether version ``digest`` of policy ``name`` was loaded and served here."""
+        return digest in self._versions.get(name, ())
 
     async def watch(self) -> None:
         while True:
@@ -63,31 +78,53 @@ class PolicyHost:
             await asyncio.sleep(SCAN_EVERY)
 
     async def rescan(self) -> None:
-        for name, plugin in self.directory.scan():
-            self.policies.pop(name, None)
-            if plugin is None:
-                await self._publish_status(wire.PluginStatus(kind="policy", name=name,
-                                                             loaded=False, error="removed"))
-            else:
-                await self._activate(plugin)
-            for listener in self.listeners:
-                listener(name)
+        async with self._scanning:
+            for change in await self.directory.prepare():
+                await self._take(change)
+                for listener in self.listeners:
+                    listener(change.name)
 
-    async def _activate(self, plugin: Plugin) -> None:
-        if plugin.loaded:
-            try:
-                initial = await self._initial_context(plugin)
-                self.policies[plugin.name] = Policy(plugin, policy_settings(plugin.name, initial),
-                                                    initial)
-            except PluginError as exc:
-                plugin.error, plugin.traceback = exc.message, exc.traceback
-        status = wire.PluginStatus(kind="policy", name=plugin.name, loaded=plugin.name in
-                                   self.policies, path=str(plugin.path), error=plugin.error,
-                                   traceback=plugin.traceback)
+    async def _take(self, change: Change) -> None:
+        """Initialise a new version, then swap it in (or keep the old one if it failed)."""
+        name, new = change.name, change.plugin
+        if new is None:
+            self.directory.commit(change)
+            self.policies.pop(name, None)
+            await self._publish_status(wire.PluginStatus(kind="policy", name=name,
+                                                         loaded=False, error="removed"))
+            return
+        policy = await self._initialized(new) if new.loaded else None
+        # No await from here to the swap: nothing sees the policy missing meanwhile.
+        serving = self.directory.commit(change)
+        if policy is not None:
+            self.policies[name] = policy
+            self._versions.setdefault(name, deque(maxlen=VERSIONS_KEPT)).append(new.digest)
+        elif serving is None or serving is new:
+            self.policies.pop(name, None)
+        await self._report_load(new, serving if serving is not new else None)
+
+    async def _initialized(self, plugin: Plugin) -> Policy | None:
+        """The policy of a loaded ``plugin`` once ``initialize()`` passed; else None."""
+        try:
+            initial = await self._initial_context(plugin)
+            return Policy(plugin, policy_settings(plugin.name, initial), initial)
+        except PluginError as exc:
+            plugin.fail(exc.message, exc.traceback)
+            log.error("policy failed to initialise", policy=plugin.name, error=exc.message)
+            return None
+
+    async def _report_load(self, plugin: Plugin, kept: Plugin | None) -> None:
+        """Publish the load state after ``plugin`` was loaded; ``kept``: still serving."""
+        error = plugin.error
+        if error and kept is not None:
+            error = kept_message(error, plugin, kept)
+        status = wire.PluginStatus(kind="policy", name=plugin.name,
+                                   loaded=plugin.name in self.policies, path=str(plugin.path),
+                                   error=error, traceback=plugin.traceback)
         await self._publish_status(status)
-        if plugin.error:
+        if error:
             await self.bus.report(wire.ErrorEvent(kind="policy", name=plugin.name,
-                                                  message=f"failed to load: {plugin.error}",
+                                                  message=f"failed to load: {error}",
                                                   traceback=plugin.traceback))
 
     async def _initial_context(self, plugin: Plugin) -> dict[str, Any]:
@@ -138,3 +175,4 @@ class PolicyHost:
                 error=message))
             for listener in self.listeners:
                 listener(policy.name)
+

@@ -292,19 +292,24 @@ async def test_a_policy_that_raises_or_overruns_is_still_quarantined(
     assert messages[2].startswith("quarantined after 2 consecutive failures")
 
 
-async def test_calls_that_cannot_run_because_the_policy_was_reloaded_do_not_count(
+RELOADED = """
+    RELEASE = None
+
+    def analyze(context, *args):
+        RELEASE.wait(30)
+        return False, context
+
+    def plan(context, *args):
+        return {}, context
+    """
+
+
+async def test_calls_that_cannot_run_because_the_policy_was_removed_do_not_count(
     dirs: tuple[Path, Path], make_policy_host: Any, release: threading.Event
 ) -> None:
-    path = write(dirs[0], "policy-reloaded.py", """
-        RELEASE = None
-
-        def analyze(context, *args):
-            RELEASE.wait(30)
-            return False, context
-
-        def plan(context, *args):
-            return {}, context
-        """)
+    # Was "...reloaded_do_not_count": a changed file no longer cuts its calls short (see
+    # the next test); removing the file still does, and that is still not a failure.
+    path = write(dirs[0], "policy-reloaded.py", RELOADED)
     host = await make_policy_host(quarantine_after="1", plugin_threads="1",
                                   call_timeout="20")
     old = host.get("reloaded")
@@ -312,11 +317,11 @@ async def test_calls_that_cannot_run_because_the_policy_was_reloaded_do_not_coun
     old.plugin.module.RELEASE = release  # type: ignore[attr-defined]
 
     # One call runs (its only thread is held), one waits for the thread; then the file
-    # changes and is reloaded while both are in flight.
+    # is removed while both are in flight.
     running = asyncio.create_task(analyze_as_the_analyzer(host, old, "a1"))
     waiting = asyncio.create_task(analyze_as_the_analyzer(host, old, "a2"))
     await asyncio.sleep(0.2)
-    path.write_text(path.read_text() + "\n# changed\n")
+    path.unlink()
     started = time.monotonic()
     await host.rescan()
     outcomes = await asyncio.wait_for(asyncio.gather(running, waiting), 10)
@@ -327,8 +332,33 @@ async def test_calls_that_cannot_run_because_the_policy_was_reloaded_do_not_coun
 
     assert old.failures == 0 and not old.quarantined
     assert not [e for e in host.bus.reports if "quarantined" in e.message]
+    assert host.get("reloaded") is None
+
+
+async def test_calls_in_flight_when_the_policy_is_replaced_finish_on_the_old_version(
+    dirs: tuple[Path, Path], make_policy_host: Any, release: threading.Event
+) -> None:
+    path = write(dirs[0], "policy-reloaded.py", RELOADED)
+    host = await make_policy_host(quarantine_after="1", plugin_threads="1",
+                                  call_timeout="20")
+    old = host.get("reloaded")
+    assert old is not None and old.plugin.module is not None
+    old.plugin.module.RELEASE = release  # type: ignore[attr-defined]
+
+    running = asyncio.create_task(analyze_as_the_analyzer(host, old, "a1"))
+    waiting = asyncio.create_task(analyze_as_the_analyzer(host, old, "a2"))
+    await asyncio.sleep(0.2)
+    path.write_text(path.read_text() + "\n# changed\n")
+    await host.rescan()
     new = host.get("reloaded")
     assert new is not None and new is not old and not new.quarantined
+    # A new call on the replaced version is refused, and that does not count.
+    assert not await analyze_as_the_analyzer(host, old, "a3")
+    assert not running.done() and not waiting.done()
+    release.set()
+    assert await asyncio.wait_for(asyncio.gather(running, waiting), 10) == [True, True]
+    assert old.failures == 0 and not old.quarantined and not host.bus.reports
+    assert old.plugin.closed  # unloaded once its last call ended
 
 
 async def test_unloading_ends_running_and_waiting_calls_promptly(
