@@ -195,6 +195,7 @@ class Bus:
                 allow_direct=True,
             )
             await self._ensure_stream(cfg)
+        await self._ensure_stream(self._intake_config(storage))
         for role, history, ttl in (
             (subjects.BUCKET_DESC, 5, None),
             (subjects.BUCKET_CONTEXT, 1, None),
@@ -204,6 +205,20 @@ class Bus:
             (subjects.BUCKET_LEASES, 1, None),
         ):
             self._kv[role] = await self._ensure_bucket(role, history, ttl, storage)
+
+    def _intake_config(self, storage: api.StorageType) -> api.StreamConfig:
+        """Descriptions as published, kept until a monitor has taken them in.
+
+        A work queue (a message goes once it is acked) capturing the description
+        subjects themselves, so a description published while no monitor runs is taken in
+        when one comes up. ``no_ack``: the stream never answers a publication, so a
+        request's reply is the monitor's verdict, not a JetStream acknowledgement.
+        """
+        return api.StreamConfig(
+            name=self.subjects.stream(subjects.INTAKE_FAMILY), subjects=[self.subjects.desc_all],
+            storage=storage, retention=api.RetentionPolicy.WORK_QUEUE, no_ack=True,
+            max_age=7 * 86400.0, max_msg_size=max(self.settings.max_payload * 2, 1_048_576),
+            allow_direct=True)
 
     async def _ensure_stream(self, cfg: api.StreamConfig) -> None:
         try:

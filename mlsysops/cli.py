@@ -161,12 +161,16 @@ async def publish(cfg: settings_mod.Settings, kind: str, name: str, data: bytes,
     from mlsysops.subjects import Subjects, check_token
 
     check_token(kind, name)
-    return await _request(cfg, Subjects(cfg.prefix).desc(kind, name), data, as_json=as_json,
-                          render=_describe_reply, timeout=timeout)
+    subject = Subjects(cfg.prefix).desc(kind, name)
+    return await _request(cfg, subject, data, as_json=as_json, render=_describe_reply,
+                          timeout=timeout, unanswered=(
+                              "the description is kept in the intake stream and taken in when "
+                              f"a monitor runs; its outcome is announced on "
+                              f"{Subjects(cfg.prefix).desc_result(kind, name)}"))
 
 
 async def _request(cfg: settings_mod.Settings, subject: str, data: bytes, *, as_json: bool,
-                   render: Any, timeout: float = 10.0) -> int:
+                   render: Any, timeout: float = 10.0, unanswered: str = "") -> int:
     import nats
 
     from mlsysops.bus import connect_options
@@ -189,6 +193,10 @@ async def _request(cfg: settings_mod.Settings, subject: str, data: bytes, *, as_
         print(f"mlsysops: nothing is listening on {subject} (is the loop running?)",
               file=sys.stderr)
         return 3
+    except nats.errors.TimeoutError:
+        print(f"mlsysops: no answer on {subject} within {timeout:g} s (is the loop running?)"
+              + (f"; {unanswered}" if unanswered else ""), file=sys.stderr)
+        return 5
     finally:
         await nc.close()
     reply = json.loads(msg.data)
@@ -198,7 +206,8 @@ async def _request(cfg: settings_mod.Settings, subject: str, data: bytes, *, as_
 
 def _describe_reply(reply: dict[str, Any]) -> str:
     verb = "deleted" if reply.get("deleted") else "accepted"
-    head = f"{reply['kind']} {reply['name']}: " + (verb if reply["accepted"] else "REJECTED")
+    outcome = verb if reply["accepted"] else "QUEUED" if reply.get("queued") else "REJECTED"
+    head = f"{reply['kind']} {reply['name']}: {outcome}"
     lines = [head]
     lines += [f"  error   {e['path']}: {e['message']}" for e in reply.get("errors", [])]
     lines += [f"  warning {w['path']}: {w['message']}" for w in reply.get("warnings", [])]

@@ -46,6 +46,14 @@ class Subjects:
     def desc_all(self) -> str:
         return f"{self.prefix}.desc.*.*"
 
+    def desc_result(self, kind: str, name: str) -> str:
+        """Where the monitor announces the outcome of every description it took in."""
+        return f"{self.prefix}.desc_result.{kind}.{name}"
+
+    @property
+    def desc_result_all(self) -> str:
+        return f"{self.prefix}.desc_result.*.*"
+
     def trigger(self, policy: str, app: str) -> str:
         return f"{self.prefix}.trigger.{policy}.{app}"
 
@@ -102,6 +110,9 @@ STREAM_FAMILIES: dict[str, tuple[str, ...]] = {
     "exec": ("exec",),
     "events": ("decision", "result", "status", "error"),
 }
+
+# The intake stream: descriptions as published, taken in by the monitors in order.
+INTAKE_FAMILY = "descriptions"
 
 # KV bucket roles.
 BUCKET_DESC = "desc"          # accepted descriptions: app.<n>, cluster.<n>, node.<n>

@@ -65,6 +65,14 @@ class DescReply(msgspec.Struct):
     warnings: list[FieldError] = []
     deleted: bool = False
     revision: int = 0
+    # position of the description in the intake stream: descriptions take effect in this
+    # order, whichever monitor validates them (0: not taken in yet)
+    seq: int = 0
+    # blake2b of the payload as published (matches a reply to its request)
+    digest: str = ""
+    # True: taken in durably but not yet validated when the reply had to go (a backlog);
+    # its outcome follows on ``desc_result.<kind>.<name>``
+    queued: bool = False
 
 
 class StoredDescription(msgspec.Struct):
@@ -78,6 +86,8 @@ class StoredDescription(msgspec.Struct):
     # one lifetime of the description: new when the key did not exist or was deleted,
     # kept on updates; ids derived from it never repeat for an application published again
     generation: str = ""
+    # intake-stream sequence of the publication stored; a lower one never replaces it
+    seq: int = 0
 
 
 # --------------------------------------------------------------------------- the loop

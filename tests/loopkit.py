@@ -120,14 +120,18 @@ def cluster_doc(name: str = "c1", nodes: tuple[str, ...] = ("node-a", "node-b"))
 
 
 async def publish_desc(url: str, kind: str, name: str, payload: bytes) -> dict[str, Any]:
-    """Publish a description and return the monitor's reply (retrying until one listens)."""
+    """Publish a description and return the monitor's reply (retrying until one listens).
+
+    Before the intake stream exists nobody listens (no responders); once it exists a
+    request made while no monitor runs is kept but unanswered (a timeout): both retry.
+    """
     nc = await nats.connect(url)
     try:
         for _ in range(100):
             try:
-                msg = await nc.request(f"mlsysops.desc.{kind}.{name}", payload, timeout=5)
+                msg = await nc.request(f"mlsysops.desc.{kind}.{name}", payload, timeout=2)
                 return json.loads(msg.data)  # type: ignore[no-any-return]
-            except nats.errors.NoRespondersError:
+            except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
                 await asyncio.sleep(0.1)
         raise AssertionError("no monitor answered")
     finally:

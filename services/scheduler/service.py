@@ -30,6 +30,7 @@ from nats.aio.msg import Msg
 from mlsysops import http, inbound, logs, subjects, wire
 from mlsysops.bus import Bus, KVCache
 from mlsysops.errors import PluginError
+from mlsysops.lease import Lease
 from mlsysops.mechhost import MechanismHost, claim_key
 from mlsysops.state import desc_key
 
@@ -53,7 +54,8 @@ class Scheduler:
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
         self.mechanisms = MechanismHost(bus)
-        self.active = False
+        self.lease = Lease(bus, LEASE_KEY, ttl=LEASE_TTL, renew_every=RENEW_EVERY,
+                           what="scheduler")
         # which applications have a description (a plan for a deleted one is discarded)
         self.apps: KVCache[bool] = KVCache(bus, subjects.BUCKET_DESC, "app.*", lambda _: True)
 
@@ -69,51 +71,14 @@ class Scheduler:
     def role(self) -> str:
         return "active" if self.active else "standby"
 
+    @property
+    def active(self) -> bool:
+        return self.lease.held
+
     # ------------------------------------------------------------ leadership
     async def _lead(self) -> None:
         await self.mechanisms.loaded.wait()
-        value = wire.encode({"instance": self.bus.instance})
-        while True:
-            try:
-                revision = await self._take_lease(value)
-            except Exception:
-                await asyncio.sleep(RENEW_EVERY)
-                continue
-            log.info("scheduler is active")
-            self.active = True
-            worker = asyncio.ensure_future(self._consume())
-            try:
-                while True:
-                    await asyncio.sleep(RENEW_EVERY)
-                    revision = await self.bus.put_with_ttl(
-                        subjects.BUCKET_LEASES, LEASE_KEY, value, LEASE_TTL, last=revision)
-                    if worker.done():  # a transient error (broker away): start again, still
-                        log.warning("scheduler worker stopped; restarting",  # holding the lease
-                                    error=repr(worker.exception()) if not worker.cancelled()
-                                    else "cancelled")
-                        worker = asyncio.ensure_future(self._consume())
-            except Exception as exc:
-                log.warning("scheduler lease lost; standing by", error=repr(exc))
-            finally:
-                self.active = False
-                worker.cancel()
-                await asyncio.gather(worker, return_exceptions=True)
-
-    async def _take_lease(self, value: bytes) -> int:
-        """Create the lease; also over a delete marker left by an operator's ``kv del``."""
-        try:
-            return await self.bus.put_with_ttl(subjects.BUCKET_LEASES, LEASE_KEY, value,
-                                               LEASE_TTL, last=0)
-        except jserr.KeyWrongLastSequenceError:
-            try:
-                await self.bus.kv(subjects.BUCKET_LEASES).get(LEASE_KEY)
-            except (jserr.KeyDeletedError, jserr.KeyNotFoundError) as gone:
-                entry = getattr(gone, "entry", None)
-                if entry is None or not entry.revision:
-                    raise
-                return await self.bus.put_with_ttl(subjects.BUCKET_LEASES, LEASE_KEY, value,
-                                                   LEASE_TTL, last=entry.revision)
-            raise  # held by a live replica
+        await self.lease.hold(self._consume)
 
     # ------------------------------------------------------------ ordered consumption
     async def _consume(self) -> None:
