@@ -15,7 +15,7 @@ import importlib.metadata
 import importlib.util
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mlsysops.errors import BadInput, PluginError
@@ -23,8 +23,12 @@ from mlsysops.intervals import parse_duration
 
 DEFAULT_INTERVAL = 10.0
 MIN_INTERVAL = 0.1
-# Seed policies declare "fluidity_proxy" and plan for "fluidity": the same mechanism.
-MECHANISM_ALIASES = {"fluidity_proxy": "fluidity"}
+# Names policies written for upstream use for mechanisms that have another name here:
+# seed policies declare "fluidity_proxy" and plan for "fluidity" (the same mechanism);
+# upstream's CPU-frequency policy plans for "CPUFrequencyConfigurator" (cpu_freq here).
+# A plan's command for an alias goes to the mechanism (check_plan), and a policy that
+# declared an alias finds that mechanism's status under it too (mechanisms_argument).
+MECHANISM_ALIASES = {"fluidity_proxy": "fluidity", "CPUFrequencyConfigurator": "cpu_freq"}
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,8 @@ class PolicySettings:
     core: bool = False
     mechanisms: tuple[str, ...] = ()
     on_telemetry: bool = False
+    # the declared mechanisms that are aliases, as (alias, mechanism) pairs
+    aliases: tuple[tuple[str, str], ...] = field(default=(), compare=False)
 
 
 def policy_settings(name: str, context: Any) -> PolicySettings:
@@ -62,6 +68,7 @@ def policy_settings(name: str, context: Any) -> PolicySettings:
         scope=scope,
         core=_flag(name, "core", context.get("core", False)),
         mechanisms=tuple(MECHANISM_ALIASES.get(m, m) for m in names),
+        aliases=tuple((m, MECHANISM_ALIASES[m]) for m in names if m in MECHANISM_ALIASES),
         on_telemetry=_flag(name, "configuration.analyze_on_telemetry",
                            config.get("analyze_on_telemetry", False)),
     )
@@ -141,8 +148,27 @@ def check_context(name: str, context: Any, *, what: str) -> dict[str, Any]:
     return context
 
 
+def mechanisms_argument(mechanisms: dict[str, Any], settings: PolicySettings) -> dict[str, Any]:
+    """The ``mechanisms`` a policy receives: also under each alias it declared.
+
+    A policy that declared ``CPUFrequencyConfigurator`` finds ``cpu_freq``'s status under
+    both names (the same object). Without aliases, ``mechanisms`` itself is returned.
+    """
+    if not settings.aliases:
+        return mechanisms
+    out = dict(mechanisms)
+    for alias, mechanism in settings.aliases:
+        if mechanism in mechanisms and alias not in mechanisms:
+            out[alias] = mechanisms[mechanism]
+    return out
+
+
 def check_plan(name: str, plan: Any) -> dict[str, Any]:
-    """The plan if it is ``{mechanism: command}`` of plain data."""
+    """The plan if it is ``{mechanism: command}`` of plain data, aliases resolved.
+
+    A command keyed by an alias (``CPUFrequencyConfigurator``) is keyed by its mechanism
+    (``cpu_freq``) in the plan returned; naming one mechanism twice is an error.
+    """
     if plan is None:
         return {}
     if not isinstance(plan, dict):
@@ -155,7 +181,25 @@ def check_plan(name: str, plan: Any) -> dict[str, Any]:
     bad = _first_non_json(plan, "plan")
     if bad:
         raise PluginError(name, f"plan() returned a plan that is not plain data: {bad}")
-    return plan
+    return _resolve_aliases(name, plan)
+
+
+def _resolve_aliases(name: str, plan: dict[str, Any]) -> dict[str, Any]:
+    if not any(key in MECHANISM_ALIASES for key in plan):
+        return plan
+    out: dict[str, Any] = {}
+    for key, command in plan.items():
+        mechanism = MECHANISM_ALIASES.get(key, key)
+        if mechanism in out:
+            raise PluginError(
+                name, f"plan() has two commands for mechanism {mechanism!r} (one under the "
+                      f"alias {key if key != mechanism else _alias_of(plan, mechanism)!r})")
+        out[mechanism] = command
+    return out
+
+
+def _alias_of(plan: dict[str, Any], mechanism: str) -> str:
+    return next(k for k in plan if MECHANISM_ALIASES.get(k) == mechanism)
 
 
 def check_result(name: str, what: str, result: Any) -> tuple[Any, Any]:
