@@ -18,6 +18,9 @@ long it took.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import importlib
+import shutil
 import textwrap
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -26,8 +29,9 @@ from typing import Any
 
 import pytest
 
+from mlsysops import runtime, wire
 from mlsysops import settings as settings_mod
-from mlsysops import wire
+from mlsysops.bus import Bus
 from mlsysops.mechhost import MechanismHost
 from mlsysops.plugins import PluginDirectory
 from mlsysops.policyhost import PolicyHost
@@ -413,3 +417,183 @@ async def test_an_apply_running_when_its_mechanism_file_changes_completes(
     release.set()
     assert await asyncio.wait_for(running, 10) == 1
     assert old.closed
+
+
+# ================================================================ versions across services
+
+VERSIONED = """
+VERSION = {version}
+
+def initialize():
+    return {{"configuration": {{"analyze_interval": "300ms"}}}}
+
+def analyze(context, *args):
+    context["n"] = context.get("n", 0) + 1
+    context["analyzed_by"] = VERSION
+    return True, context
+
+def plan(context, *args):
+    return {{"recorder": {{"version": VERSION, "analyzed_by": context["analyzed_by"],
+                          "n": context["n"]}}}}, context
+"""
+
+
+class Services:
+    """The five services in this process, each with settings of its own (its policy dir)."""
+
+    def __init__(self, cfg: settings_mod.Settings) -> None:
+        self.cfg = cfg
+        self.tasks: list[asyncio.Task[int]] = []
+
+    def start(self, name: str, **overrides: Any) -> None:
+        settings = settings_mod.Settings(**{**self.cfg.__dict__, "instance": f"{name}-h",
+                                            **overrides})
+        module = importlib.import_module(f"services.{name}.service")
+        build = getattr(module, name.capitalize())
+        self.tasks.append(asyncio.ensure_future(runtime.run(Bus(settings, name), build)))
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+@pytest.fixture
+async def services(cfg: settings_mod.Settings) -> AsyncIterator[Services]:
+    running = Services(cfg)
+    yield running
+    await running.stop()
+
+
+@pytest.fixture
+def version_dirs(tmp_path: Path, plugin_dirs: tuple[Path, Path]) -> tuple[Path, Path]:
+    """The analyzer's and the planner's policy directories (two pods, two mounts)."""
+    kit.recorder(plugin_dirs[1])
+    analyzer, planner = tmp_path / "analyzer-policies", tmp_path / "planner-policies"
+    analyzer.mkdir()
+    planner.mkdir()
+    return analyzer, planner
+
+
+def versioned(directory: Path, version: int, *extra: str) -> None:
+    write(directory / "policy-v.py", VERSIONED.format(version=version), *extra)
+
+
+async def start_loop(services: Services, cfg: settings_mod.Settings,
+                     dirs: tuple[Path, Path], events: list[dict[str, Any]]) -> Any:
+    services.start("monitor")
+    services.start("analyzer", policy_dir=str(dirs[0]))
+    services.start("planner", policy_dir=str(dirs[1]))
+    services.start("scheduler")
+    services.start("executor")
+    nc = await kit.collect(cfg.nats_url, events, families=("verdict", "plan", "error"))
+    assert (await kit.publish_desc(cfg.nats_url, "app", "shop", kit.app_doc("shop")))[
+        "accepted"]
+    return nc
+
+
+def of(events: list[dict[str, Any]], family: str) -> list[dict[str, Any]]:
+    return [e for e in events if e["subject"].split(".")[1] == family]
+
+
+def plans(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e["commands"]["recorder"] for e in of(events, "plan")]
+
+
+def digest_of(directory: Path) -> str:
+    import hashlib
+    return hashlib.sha256((directory / "policy-v.py").read_bytes()).hexdigest()[:16]
+
+
+async def test_a_verdict_made_by_a_newer_policy_version_is_planned_by_that_version(
+    services: Services, cfg: settings_mod.Settings, version_dirs: tuple[Path, Path]
+) -> None:
+    """The analyzer's pod saw the ConfigMap update first; the planner's sees it later."""
+    analyzer, planner = version_dirs
+    versioned(analyzer, 2)
+    versioned(planner, 1)
+    events: list[dict[str, Any]] = []
+    nc = await start_loop(services, cfg, version_dirs, events)
+    try:
+        await kit.wait_for(lambda: of(events, "verdict"), what="a verdict")
+        assert of(events, "verdict")[0]["policy_digest"] == digest_of(analyzer)
+        await asyncio.sleep(2)  # the planner has had time to plan it with version 1
+        shutil.copy(analyzer / "policy-v.py", planner / "policy-v.py")  # the update arrives
+        await kit.wait_for(lambda: plans(events), what="a plan")
+    finally:
+        await nc.close()
+    assert plans(events)[0]["version"] == 2, plans(events)
+    assert all(p["version"] == 2 for p in plans(events)), plans(events)
+    assert not of(events, "error"), of(events, "error")
+
+
+async def test_a_verdict_whose_version_never_reaches_the_planner_is_planned_after_a_bound(
+    services: Services, cfg: settings_mod.Settings, version_dirs: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.planner import service as planner_service
+
+    monkeypatch.setattr(planner_service, "VERSION_WAIT", 2.0, raising=False)
+    analyzer, planner = version_dirs
+    versioned(analyzer, 2)
+    versioned(planner, 1)
+    events: list[dict[str, Any]] = []
+    nc = await start_loop(services, cfg, version_dirs, events)
+    try:
+        await kit.wait_for(lambda: plans(events), what="a plan")
+        await kit.wait_for(lambda: of(events, "error"), what="the mismatch reported")
+    finally:
+        await nc.close()
+    assert plans(events)[0] == {"version": 1, "analyzed_by": 2, "n": 1}
+    error = of(events, "error")[0]
+    assert error["subject"] == "mlsysops.error.policy.v" and error["app"] == "shop"
+    assert digest_of(analyzer) in error["message"] and digest_of(planner) in error["message"]
+    assert error["details"]["verdict_digest"] == digest_of(analyzer)
+    assert error["details"]["plan_digest"] == digest_of(planner)
+
+
+async def test_a_verdict_made_by_an_older_version_is_planned_by_the_newer_one(
+    services: Services, cfg: settings_mod.Settings, version_dirs: tuple[Path, Path]
+) -> None:
+    """The planner's pod was updated first: it does not wait for the analyzer's."""
+    analyzer, planner = version_dirs
+    versioned(analyzer, 1)
+    versioned(planner, 1)
+    events: list[dict[str, Any]] = []
+    nc = await start_loop(services, cfg, version_dirs, events)
+    try:
+        await kit.wait_for(lambda: plans(events), what="a plan by version 1")
+        versioned(planner, 2)
+        await kit.wait_for(lambda: [p for p in plans(events) if p["version"] == 2],
+                           timeout=15, what="a plan by version 2")
+    finally:
+        await nc.close()
+    assert {p["analyzed_by"] for p in plans(events)} == {1}
+    assert not of(events, "error"), of(events, "error")
+
+
+async def test_verdicts_arriving_while_the_planner_initialises_a_new_version_are_planned(
+    services: Services, cfg: settings_mod.Settings, version_dirs: tuple[Path, Path],
+    tmp_path: Path
+) -> None:
+    analyzer, planner = version_dirs
+    versioned(analyzer, 1)
+    versioned(planner, 1)
+    events: list[dict[str, Any]] = []
+    nc = await start_loop(services, cfg, version_dirs, events)
+    started, marker = tmp_path / "init-started", tmp_path / "init-marker"
+    try:
+        await kit.wait_for(lambda: plans(events), what="a first plan")
+        # The planner's copy changes (a comment, say) and its initialize() takes a while.
+        versioned(planner, 1, SLOW_INITIALIZE.format(started=str(started), marker=str(marker)))
+        await kit.wait_for(started.exists, timeout=15, what="the new initialize() to start")
+        before = len(of(events, "plan"))
+        await kit.wait_for(lambda: len(of(events, "plan")) > before, timeout=6,
+                           what="a plan while the new version initialises")
+        marker.touch()
+    finally:
+        marker.touch()
+        await nc.close()
+    assert not [e for e in of(events, "error") if "not loaded" in e["message"]], events

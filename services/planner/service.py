@@ -9,6 +9,16 @@ by JetStream) or makes it for the first time, never twice. The record is release
 the scheduler has decided the plan: with plan()'s context if some command was scheduled,
 with the context from before plan() if all were discarded (so a discarded plan changes
 nothing), and with the decisions in ``context["_last_decision"]``.
+
+A verdict names the version of the policy that made it (``policy_digest``). It is
+planned by that version, or by a newer one: analyzer and planner pods see a ConfigMap
+update at different times, and ``plan()`` of an older version may not understand a
+context made by a newer ``analyze()``. A verdict made by a version this planner has not
+loaded is nak'ed with a short delay (the pair stays in flight), for at most
+``VERSION_WAIT`` seconds after the verdict was made; then it is planned with the version
+loaded here, and that is reported. A verdict made by a version served here before (the
+analyzer is the one behind) is planned at once by the loaded version. See
+docs/policies.md, "Hot reload".
 """
 
 from __future__ import annotations
@@ -33,6 +43,8 @@ log = logs.get(__name__)
 ACK_WAIT = 5.0  # a verdict whose planner died comes back this soon (consume() keeps it alive)
 DECISION_WAIT = 30.0  # how long a plan waits for its decisions before the verdict is naked
 LAST_DECISION = "_last_decision"  # the context key where a policy finds it
+VERSION_WAIT = 60.0  # how long after it was made a verdict may wait for its policy version
+VERSION_RETRY = 1.0  # nak delay while it waits (policy files are rescanned every second)
 
 
 class Planner:
@@ -83,6 +95,11 @@ class Planner:
             return
         plan = record.outbox_plan
         if plan is None or plan.verdict_id != verdict.verdict_id:
+            if self._awaits_version(verdict):
+                log_.info("verdict made by a version of the policy not loaded here yet; "
+                          "waiting for it", verdict_digest=verdict.policy_digest)
+                await msg.nak(delay=VERSION_RETRY)
+                return
             made = await self._make_plan(verdict)
             if made is None:
                 await self._release(key, revision, record, record.context, None)
@@ -151,6 +168,39 @@ class Planner:
             if waiter is not None:
                 waiter.set()
 
+    def _awaits_version(self, verdict: wire.Verdict) -> bool:
+        """Whether ``verdict`` should wait for the policy version that made it.
+
+        Only for a version never served here (an older one will not come back), and for
+        ``VERSION_WAIT`` seconds after the verdict was made; a verdict of an older
+        analyzer names no version and never waits.
+        """
+        made_by = verdict.policy_digest
+        policy = self.host.get(verdict.policy)
+        if not made_by or (policy is not None and policy.plugin.digest == made_by):
+            return False
+        if self.host.served(verdict.policy, made_by):
+            return False
+        return wire.now() - verdict.created_at < VERSION_WAIT
+
+    async def _version_mismatch(self, verdict: wire.Verdict, planned_by: str) -> None:
+        """Record that ``verdict`` is planned by another version than the one that made it."""
+        made_by = verdict.policy_digest
+        log_ = log.bind(policy=verdict.policy, app=verdict.app, verdict_id=verdict.verdict_id,
+                        verdict_digest=made_by, plan_digest=planned_by)
+        if self.host.served(verdict.policy, made_by):
+            log_.info("verdict made by an earlier version of the policy; planned by the "
+                      "version loaded here")
+            return
+        message = (f"plan made by version {planned_by} of the policy for a verdict made by "
+                   f"version {made_by}, which this planner did not load within "
+                   f"{VERSION_WAIT:g}s of the verdict")
+        log_.warning(message)
+        await self.bus.report(wire.ErrorEvent(
+            kind="policy", name=verdict.policy, app=verdict.app, message=message,
+            details={"verdict_id": verdict.verdict_id, "verdict_digest": made_by,
+                     "plan_digest": planned_by}))
+
     async def _make_plan(self, verdict: wire.Verdict) -> tuple[wire.Plan, dict[str, Any]] | None:
         policy = self.host.get(verdict.policy)
         if policy is not None and policy.quarantined:
@@ -163,6 +213,8 @@ class Planner:
         apps = self.state.app_description(verdict.app)
         if not apps and verdict.app != subjects.GLOBAL_APP:
             return None  # the application was deleted since the verdict
+        if verdict.policy_digest and verdict.policy_digest != policy.plugin.digest:
+            await self._version_mismatch(verdict, policy.plugin.digest)
         args = (verdict.context, apps, self.state.system_description(), self.state.mechanisms(),
                 self.state.telemetry(), self.bus.settings.ml_connector_url or None)
         try:
