@@ -5,8 +5,11 @@ A policy's ``initialize()`` returns its initial context. The framework honours t
 (``application`` or ``global``), ``core``, ``mechanisms``, ``packages`` and
 ``telemetry``. :func:`policy_settings` turns them into a :class:`PolicySettings` or a
 clear load error; :func:`interval_of` reads the interval from a live context;
-:func:`check_context` and :func:`check_plan` check what analyze and
-plan hand back.
+:func:`check_context` and :func:`check_plan` check what analyze and plan hand back.
+
+Mechanism names of upstream policies (:data:`MECHANISM_ALIASES`) are resolved here: in a
+plan's keys by :func:`check_plan`, and in the ``mechanisms`` argument of a policy that
+declared one by :func:`mechanisms_argument` (see docs/upstream.md).
 """
 
 from __future__ import annotations
