@@ -13,7 +13,6 @@ import copy
 import hashlib
 import json
 import math
-import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -297,8 +296,6 @@ def test_every_way_of_reading_telemetry_gives_the_dataframe() -> None:
         "{} | t": lambda t: ({} | t)["dataframe"],
         "pop": lambda t: t.pop("dataframe"),
         "setdefault": lambda t: t.setdefault("dataframe"),
-        "pickle": lambda t: pickle.loads(pickle.dumps({k: v for k, v in t.items()
-                                                       if k != "query"}))["dataframe"],
     }
     for how, read in reads.items():
         df = read(_telemetry(SNAPS))

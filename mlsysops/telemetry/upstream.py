@@ -171,9 +171,6 @@ class UpstreamTelemetry(dict[str, Any]):
         self._resolve()
         return dict.__repr__(self)
 
-    def __reduce_ex__(self, protocol: Any) -> Any:  # pickled as the plain dict it reads as
-        return (dict, (dict(self.items()),))
-
 
 class _Frames:
     """The DataFrame of one policy call: built at most once, from the shared cache."""
