@@ -356,6 +356,20 @@ async def test_one_call_sees_one_dataframe_even_if_telemetry_arrives_meanwhile()
     assert _telemetry(snaps)["dataframe"]["m"].tolist() == [1.0, 2.0]  # the next call
 
 
+def test_policies_in_many_threads_each_get_the_whole_dataframe() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    snaps = [_snap("host", float(i), {"m": [float(i)]}, i) for i in range(60)]
+
+    def policy_call(_: int) -> list[float]:
+        telemetry = _telemetry(snaps)
+        return list(telemetry["dataframe"]["m"])
+
+    with ThreadPoolExecutor(8) as pool:
+        seen = list(pool.map(policy_call, range(64)))
+    assert all(s == [float(i) for i in range(60)] for s in seen)
+
+
 def test_endpoints_come_from_the_settings(monkeypatch) -> None:
     monkeypatch.delenv("MLSYSOPS_GRAFANA_URL", raising=False)
     telemetry = _telemetry([], Settings(prometheus_url="http://prom:9090"))

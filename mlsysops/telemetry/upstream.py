@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
 UPSTREAM_KEYS = ("prometheus_endpoint", "grafana_endpoint", "dataframe", "query")
 GRAFANA_ENV = "MLSYSOPS_GRAFANA_URL"  # until Settings has a grafana_url of its own
-_CACHE_SIZE = 8  # DataFrames of distinct snapshot sets kept (replicas see one set at a time)
+_CACHE_SIZE = 8  # snapshot sets whose DataFrames are kept (calls begun before the newest)
 
 
 def with_upstream_keys(view: dict[str, Any], snapshots: Callable[[], Sequence[wire.Telemetry]],
