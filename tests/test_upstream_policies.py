@@ -458,8 +458,6 @@ async def _policy_status(url: str, service: str, policy: str) -> dict[str, Any]:
         await nc.close()
 
 
-@pytest.mark.xfail(strict=True, reason="until StateView.telemetry() returns "
-                   "with_upstream_keys(view, ...) (the lead wires it; then remove this mark)")
 async def test_upstream_policy_files_run_unchanged_through_the_loop(
         loop_, cfg, plugin_dirs, tmp_path, monkeypatch) -> None:
     from tests import loopkit as kit
