@@ -1,7 +1,9 @@
 """The Fluidity mechanism against kmock's Kubernetes emulator, through the real client.
 
-The emulator serves HTTP in the test's event loop while the kubernetes client blocks, so
-every call into the plugin goes through ``asyncio.to_thread``.
+The emulator serves HTTP in the test's event loop, and Fluidity's ``apply`` and
+``get_status`` are coroutines of lightkube's async client: the tests await them directly.
+The emulator is kmock's, extended (``Emulator``) with server-side apply, a stand-in for
+the Deployment controller's readiness, and watches that expire (410 Gone).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import aiohttp.web
 import kmock
 import kubernetes_validate
 import pytest
@@ -39,7 +42,6 @@ fluidity = _load_plugin(ROOT / "plugins" / "mechanisms" / "fluidity.py")
 
 SERVER = {
     "metadata": {"name": "server-app"},
-    "node_placement": {"node": "node-a"},
     "runtime_class_name": "crun",
     "restart_policy": "Always",
     "containers": [
@@ -92,22 +94,163 @@ def described():
     descriptions.clear()
 
 
-@pytest.fixture
-async def emu(monkeypatch):
-    emulator = kmock.KubernetesEmulator()
+class Emulator(kmock.KubernetesEmulator):
+    """kmock's emulator with the parts of the API server Fluidity relies on that it lacks.
+
+    - Server-side apply (a PATCH of type ``application/apply-patch+yaml``) creates a
+      missing object, and drops the fields its last apply set that this one leaves out
+      (one field manager: what it applies is what it owns). kmock only merges dicts.
+    - ``mark_ready(name)``: a Deployment reports its replicas ready, as the Deployment
+      controller would (a watch event follows); ``auto_ready`` does that for every
+      Deployment shortly after each write.
+    - ``expire_watches(plural)``: the open watch ends with 410 Gone, as when its
+      resourceVersion is too old.
+    """
+
+    auto_ready: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self.expiring: set[str] = set()
+        self.pending: set[asyncio.Task[None]] = set()
+
+    async def _handle(self, request: Any) -> Any:
+        content_type = {k.lower(): v for k, v in request.headers.items()}.get("content-type", "")
+        writes = request.resource is not None and request.name and not request.subresource and (
+            request.method.value == "PATCH")
+        response = None
+        if writes and "apply-patch" in content_type:
+            created = await self._server_side_apply(request)
+            if created is not None:
+                response = aiohttp.web.json_response(created, status=201)
+        if response is None:
+            response = await super()._handle(request)
+        if writes and self.auto_ready and request.resource.plural == "deployments":
+            task = asyncio.ensure_future(self._ready_soon(request.name))
+            self.pending.add(task)
+            task.add_done_callback(self.pending.discard)
+        return response
+
+    async def _server_side_apply(self, request: Any) -> dict[str, Any] | None:
+        """Create the object if it is missing (returned); else drop what it no longer sets
+        (kmock then merges the rest in)."""
+        key = (request.resource, request.namespace, request.name)
+        async with self._lock:
+            if key not in self._objects or self._objects[key].deleted:
+                if key in self._objects:
+                    self._objects[key].create(request.data)
+                else:
+                    self._objects[key] = request.data
+                raw = self._objects[key].last.raw
+                await self._buses[request.resource].put({"type": "ADDED", "object": raw})
+                return raw  # type: ignore[no-any-return]
+            old, new = self._objects[key].raw, request.data
+            dropped = _dropped({"spec": old.get("spec"), "metadata": {
+                part: (old.get("metadata") or {}).get(part) for part in ("labels", "annotations")
+            }}, {"spec": new.get("spec"), "metadata": {
+                part: (new.get("metadata") or {}).get(part) for part in ("labels", "annotations")
+            }})
+            if dropped:
+                self._objects[key].patch(dropped)
+            return None
+
+    async def _ready_soon(self, name: str) -> None:
+        await asyncio.sleep(0.05)
+        await self.mark_ready(name)
+
+    async def mark_ready(self, name: str, ready: int | None = None) -> None:
+        async with self._lock:
+            for (resource, _ns, obj_name), obj in list(self._objects.items()):
+                if resource.plural == "deployments" and obj_name == name and not obj.deleted:
+                    want = (obj.raw.get("spec") or {}).get("replicas", 1)
+                    obj.patch({"status": {"readyReplicas": want if ready is None else ready,
+                                          "replicas": want}})
+                    await self._buses[resource].put({"type": "MODIFIED", "object": obj.raw})
+
+    async def expire_watches(self, plural: str) -> None:
+        """End the open watch of ``plural`` with 410 Gone (woken by a harmless event)."""
+        self.expiring.add(plural)
+        for (resource, _, _), _obj in list(self._objects.items()):
+            if resource.plural == plural:
+                await self._buses[resource].put({"type": "BOOKMARK", "object": {}})
+                return
+
+    async def _serve_watch(self, request: Any) -> Any:
+        async for item in super()._serve_watch(request):
+            if item != b"" and request.resource.plural in self.expiring:
+                self.expiring.discard(request.resource.plural)
+                yield {"type": "ERROR", "object": {
+                    "apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure",
+                    "code": 410, "reason": "Expired", "message": "too old resource version"}}
+                return
+            if isinstance(item, dict) and item.get("type") == "BOOKMARK":
+                continue
+            yield item
+
+    async def stop(self) -> None:
+        for task in list(self.pending):
+            task.cancel()
+        await asyncio.gather(*self.pending, return_exceptions=True)
+
+
+def _dropped(old: Any, new: Any) -> Any:
+    """``None`` (kmock: remove) for each key of ``old`` that ``new`` no longer has."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return {}
+    out: dict[str, Any] = {}
+    for key, value in old.items():
+        if key not in new:
+            out[key] = None
+        elif isinstance(value, dict) and isinstance(new[key], dict):
+            inner = _dropped(value, new[key])
+            if inner:
+                out[key] = inner
+    return out
+
+
+def node(name: str, *, ready: str = "True", arch: str = "amd64", cpu: str = "4",
+         memory: str = "8Gi", **labels: str) -> dict[str, Any]:
+    """A Node as the kubelet reports it (name, labels, Ready condition, allocatable)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name,
+                                              "kubernetes.io/arch": arch, **labels}},
+        "status": {"conditions": [{"type": "Ready", "status": ready, "reason": "KubeletReady"
+                                   if ready == "True" else "KubeletNotReady"}],
+                   "allocatable": {"cpu": cpu, "memory": memory, "pods": "110"}},
+    }
+
+
+def make_emulator(*nodes: dict[str, Any]) -> Emulator:
+    emulator = Emulator()
     emulator.resources["apps/v1/deployments"] = {}
     emulator.resources["v1/services"] = {}
+    emulator.resources["v1/nodes"] = {}
+    for spec in nodes:
+        emulator.objects["v1/nodes", None, spec["metadata"]["name"]] = spec
+    return emulator
+
+
+@pytest.fixture
+async def emu(monkeypatch):
+    emulator = make_emulator(node("node-a"), node("node-b"))
     async with emulator, kmock.Server(emulator) as server:
         monkeypatch.setenv("MLSYSOPS_KUBE_API_URL", str(server.url))
         monkeypatch.setenv("MLSYSOPS_FLUIDITY_NAMESPACE", NS)
         try:
             yield emulator
         finally:
-            fluidity._reset_client()
+            await fluidity._reset_client()
+            await emulator.stop()
 
 
 async def apply(command: Any) -> Any:
-    return await asyncio.to_thread(fluidity.apply, command)
+    return await fluidity.apply(command)
+
+
+async def status() -> Any:
+    return await fluidity.get_status()
 
 
 def objects(emu: Any, plural: str) -> dict[str, dict[str, Any]]:
@@ -146,7 +289,7 @@ async def test_deploy_creates_a_pinned_deployment_and_a_service(emu):
     assert list(deployments) == ["demo-app-server-app-node-a"]
     dep = deployments["demo-app-server-app-node-a"]
     labels = {
-        "app.kubernetes.io/managed-by": "mlsysops-fluidity",
+        "app.kubernetes.io/managed-by": "mlsysops",
         "mlsysops.eu/app": APP,
         "mlsysops.eu/component": "server-app",
         "mlsysops.eu/host": "node-a",
@@ -209,7 +352,23 @@ async def test_a_component_without_ports_gets_no_service(emu):
     assert "mlsysops.eu/plan-id" not in dep["metadata"]["labels"]  # the command named no plan
 
 
+def applied(emu: Any) -> list[Any]:
+    """The server-side apply requests the API received, in order."""
+    return [r for r in emu if r.method.value == "PATCH" and "apply-patch" in
+            {k.lower(): v for k, v in r.headers.items()}.get("content-type", "")]
+
+
+async def test_everything_is_sent_by_server_side_apply_as_mlsysops_fluidity(emu):
+    await apply(DEPLOY_SERVER)
+    requests = applied(emu)
+    assert [r.name for r in requests] == ["demo-app-server-app-node-a", "demo-app-server-app"]
+    assert {r.params.get("fieldManager") for r in requests} == {"mlsysops-fluidity"}
+    assert {r.params.get("force") for r in requests} == {"true"}
+    assert [m for m, _ in writes(emu)] == ["PATCH", "PATCH"]  # no create, no JSON patch
+
+
 async def test_every_manifest_sent_is_valid_kubernetes(emu):
+    emu.auto_ready = True
     await apply(DEPLOY_SERVER)
     await apply(cmd("client-app", deploy("node-b")))
     new_spec = copy.deepcopy(SERVER)
@@ -227,18 +386,20 @@ async def test_every_manifest_sent_is_valid_kubernetes(emu):
             },
         }
     )
-    bodies = [r.data for r in emu if r.method.value == "POST"]
-    assert len(bodies) == 4  # two deployments, one service, the moved deployment
+    bodies = [r.data for r in applied(emu)]
+    # two deployments and a service, then the changed deployment, the moved one, and the
+    # service with the new port
+    assert len(bodies) == 6
     for body in bodies:
         validate(body)
-    # patched objects as they end up (the emulator applies the JSON patches we sent)
+    # objects as they end up (the emulator merged what we applied)
     for obj in [*objects(emu, "deployments").values(), *objects(emu, "services").values()]:
-        validate(obj)
-    assert any(r.method.value == "PATCH" for r in emu)
+        validate({k: v for k, v in obj.items() if k != "status"})
 
 
 # --------------------------------------------------------------------------- idempotence
 async def test_applying_a_command_twice_changes_nothing_the_second_time(emu):
+    emu.auto_ready = True
     command = {
         "name": APP,
         "deployment_plan": {
@@ -273,25 +434,47 @@ async def test_deploy_over_a_differing_instance_patches_it_back_to_the_descripti
     await apply(DEPLOY_SERVER)
     pod = objects(emu, "deployments")[name]["spec"]["template"]["spec"]
     assert pod["containers"][0]["image"] == "registry.example/demo/server:1.0"
-    assert [m for m, n in writes(emu) if n == name] == ["POST", "PATCH", "PATCH"]
+    assert [m for m, n in writes(emu) if n == name] == ["PATCH", "PATCH", "PATCH"]
 
 
 # --------------------------------------------------------------------------- move
-async def test_move_creates_the_new_instance_before_deleting_the_old_one(emu):
+MOVE_SERVER = {
+    "name": APP,
+    "deployment_plan": {
+        "server-app": [{"action": "move", "src_host": "node-a", "target_host": "node-b"}],
+        "initial_plan": False,
+    },
+}
+
+
+async def until(check: Any, what: str, timeout: float = 5.0) -> None:
+    """Wait until ``check()`` holds (the test fails naming ``what`` if it never does)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not check():
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+async def test_move_keeps_the_old_instance_until_the_new_one_is_ready(emu):
     await apply(DEPLOY_SERVER)
     before = len(writes(emu))
-    move = {
-        "name": APP,
-        "deployment_plan": {
-            "server-app": [{"action": "move", "src_host": "node-a", "target_host": "node-b"}],
-            "initial_plan": False,
-        },
-    }
-    await apply(move)
+    moving = asyncio.ensure_future(apply(MOVE_SERVER))
+    await until(lambda: "demo-app-server-app-node-b" in objects(emu, "deployments"),
+                "the new instance")
+    await asyncio.sleep(0.2)
+    # The new instance runs but is not ready yet: the old one is still there.
+    assert not moving.done()
+    assert set(objects(emu, "deployments")) == {"demo-app-server-app-node-a",
+                                                "demo-app-server-app-node-b"}
+    await emu.mark_ready("demo-app-server-app-node-b")
+    result = await moving
     assert writes(emu)[before:] == [
-        ("POST", "demo-app-server-app-node-b"),
+        ("PATCH", "demo-app-server-app-node-b"),
         ("DELETE", "demo-app-server-app-node-a"),
     ]  # the Service (selecting the component on any host) is left alone
+    assert result["steps"] == ["create Deployment demo-app-server-app-node-b",
+                               "delete Deployment demo-app-server-app-node-a"]
     deployments = objects(emu, "deployments")
     assert list(deployments) == ["demo-app-server-app-node-b"]
     pod = deployments["demo-app-server-app-node-b"]["spec"]["template"]["spec"]
@@ -299,11 +482,46 @@ async def test_move_creates_the_new_instance_before_deleting_the_old_one(emu):
     assert list(objects(emu, "services")) == ["demo-app-server-app"]
 
     after = len(writes(emu))
-    await apply(move)  # already moved: nothing to do
+    await apply(MOVE_SERVER)  # already moved: nothing to do
     assert len(writes(emu)) == after
 
 
+async def test_a_move_whose_new_instance_never_gets_ready_is_undone_and_fails(
+        emu, monkeypatch):
+    monkeypatch.setenv("MLSYSOPS_FLUIDITY_READY_TIMEOUT", "0.5")
+    await apply(DEPLOY_SERVER)
+    with pytest.raises(MechanismError) as caught:
+        await apply(MOVE_SERVER)
+    message = str(caught.value)
+    assert "never became ready" in message
+    assert "demo-app-server-app-node-b had no status yet (0 of 1 replicas ready)" in message
+    assert "after 0.5s" in message and "the old instance keeps running" in message
+    assert "removed again: demo-app-server-app-node-b" in message
+    assert list(objects(emu, "deployments")) == ["demo-app-server-app-node-a"]
+    assert [m for m, n in writes(emu) if n == "demo-app-server-app-node-b"] == [
+        "PATCH", "DELETE"]
+    assert list((await status())["applications"][APP]) == ["server-app"]
+
+
+async def test_a_move_waits_for_every_replica_of_the_new_instance(emu, monkeypatch):
+    monkeypatch.setenv("MLSYSOPS_FLUIDITY_READY_TIMEOUT", "5")
+    await apply(DEPLOY_SERVER)
+    await apply(cmd("server-app", {"action": "scale", "replicas": 2, "host": "node-a"}))
+    moving = asyncio.ensure_future(apply(MOVE_SERVER))
+    await until(lambda: "demo-app-server-app-node-b" in objects(emu, "deployments"),
+                "the new instance")
+    await emu.mark_ready("demo-app-server-app-node-b", ready=1)  # one of two
+    await asyncio.sleep(0.2)
+    assert not moving.done()
+    assert "demo-app-server-app-node-a" in objects(emu, "deployments")
+    await emu.mark_ready("demo-app-server-app-node-b")
+    await moving
+    assert list(objects(emu, "deployments")) == ["demo-app-server-app-node-b"]
+    assert objects(emu, "deployments")["demo-app-server-app-node-b"]["spec"]["replicas"] == 2
+
+
 async def test_move_carries_the_spec_the_instance_runs(emu):
+    emu.auto_ready = True
     await apply(DEPLOY_SERVER)
     new_spec = copy.deepcopy(SERVER)
     new_spec["runtime_class_name"] = "nvidia"
@@ -343,7 +561,7 @@ async def test_change_spec_patches_the_deployment_in_place(emu):
     }
     await apply(command)
 
-    assert [m for m, n in writes(emu) if n == name] == ["POST", "PATCH"]  # never deleted
+    assert [m for m, n in writes(emu) if n == name] == ["PATCH", "PATCH"]  # never deleted
     history = emu.objects["apps/v1/deployments", NS, name].history
     assert len(history) == 2 and None not in list(history)  # one object, two versions
     dep = objects(emu, "deployments")[name]
@@ -562,35 +780,78 @@ async def test_a_name_held_by_a_foreign_object_is_refused(emu):
         "metadata": {"name": "demo-app-server-app-node-a", "namespace": NS},
         "spec": {"replicas": 5},
     }
-    with pytest.raises(MechanismError, match="already exists and does not belong") as caught:
+    with pytest.raises(MechanismError) as caught:
         await apply(DEPLOY_SERVER)
+    assert ("Deployment demo-app-server-app-node-a already exists and is not managed by "
+            "mlsysops (no label app.kubernetes.io/managed-by=mlsysops); it is left alone"
+            ) in str(caught.value)
     assert "nothing was changed" in str(caught.value)
     assert objects(emu, "deployments")["demo-app-server-app-node-a"]["spec"] == {"replicas": 5}
+    assert writes(emu) == []
+    assert (await status())["applications"] == {}  # not reported as ours either
 
 
-async def test_an_unlabelled_object_of_the_same_instance_is_taken_over(emu):
-    """A create that meets the same instance (say, made by a replica that crashed before
-    labelling) patches it instead of failing."""
+async def test_an_unlabelled_deployment_of_the_same_name_is_left_alone_and_the_apply_fails(emu):
+    """Even one that names our application, component and host in its annotations (as
+    an earlier version wrote them): without the ownership label it is not ours."""
     name = "demo-app-server-app-node-a"
     notes = {"mlsysops.eu/app": APP, "mlsysops.eu/component": "server-app",
              "mlsysops.eu/host": "node-a"}
-    emu.objects["apps/v1/deployments", NS, name] = {
+    original = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": {"name": name, "namespace": NS, "annotations": notes},
         "spec": {"replicas": 1, "template": {"spec": {"containers": []}}},
     }
+    emu.objects["apps/v1/deployments", NS, name] = copy.deepcopy(original)
+    with pytest.raises(MechanismError, match="is not managed by mlsysops") as caught:
+        await apply(DEPLOY_SERVER)
+    assert "it is left alone" in str(caught.value)
+    assert writes(emu) == []
+    assert objects(emu, "deployments")[name] == original
+    with pytest.raises(MechanismError, match="is not managed by mlsysops"):
+        await apply({"name": APP, "deployment_plan": {"server-app": [
+            {"action": "move", "src_host": "node-b", "target_host": "node-a"}]}})
+    await apply({"name": APP, "remove_app": True})  # removing the app leaves it alone too
+    assert objects(emu, "deployments")[name] == original
+
+
+async def test_a_deployment_of_another_component_under_our_label_is_refused(emu):
+    name = "demo-app-server-app-node-a"
+    emu.objects["apps/v1/deployments", NS, name] = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "namespace": NS,
+                     "labels": {"app.kubernetes.io/managed-by": "mlsysops"},
+                     "annotations": {"mlsysops.eu/app": "shop", "mlsysops.eu/component": "web",
+                                     "mlsysops.eu/host": "node-a"}},
+        "spec": {"replicas": 1},
+    }
+    with pytest.raises(MechanismError, match="already exists and does not belong to this "
+                                             r"component \(it belongs to shop/web/node-a\)"):
+        await apply(DEPLOY_SERVER)
+    assert writes(emu) == []
+
+
+async def test_objects_labelled_by_an_earlier_version_are_recognised_and_relabelled(emu):
     await apply(DEPLOY_SERVER)
-    assert [m for m, n in writes(emu) if n == name] == ["POST", "PATCH"]
-    dep = objects(emu, "deployments")[name]
-    assert dep["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "mlsysops-fluidity"
-    assert dep["spec"]["template"]["spec"]["containers"][0]["name"] == "server-app"
+    name = "demo-app-server-app-node-a"
+    for plural, obj_name in (("deployments", name), ("services", "demo-app-server-app")):
+        raw = objects(emu, plural)[obj_name]
+        raw["metadata"]["labels"]["app.kubernetes.io/managed-by"] = "mlsysops-fluidity"
+    await fluidity._reset_client()  # a new executor: it lists what is there
+    assert list((await status())["applications"][APP]) == ["server-app"]
+    await apply(DEPLOY_SERVER)
+    for plural, obj_name in (("deployments", name), ("services", "demo-app-server-app")):
+        labels = objects(emu, plural)[obj_name]["metadata"]["labels"]
+        assert labels["app.kubernetes.io/managed-by"] == "mlsysops"
     count = len(writes(emu))
-    await apply(DEPLOY_SERVER)  # now it is known: nothing to do
+    await apply(DEPLOY_SERVER)
     assert len(writes(emu)) == count
 
 
 async def test_a_node_gone_from_the_cluster_can_still_be_emptied(emu):
+    emu.auto_ready = True
     await apply(cmd("client-app", deploy("node-b")))
     descriptions.set("cluster", "test-cluster", {**CLUSTER, "nodes": ["node-a"]})
     with pytest.raises(MechanismError, match="host 'node-b' is not a node of the cluster"):
@@ -607,15 +868,14 @@ async def test_an_unreachable_api_is_a_clear_error(monkeypatch):
         with pytest.raises(MechanismError, match="listing Deployments in namespace"):
             await apply(DEPLOY_SERVER)
     finally:
-        fluidity._reset_client()
+        await fluidity._reset_client()
 
 
 # --------------------------------------------------------------------------- status
 async def test_status_options_and_conflict_key(emu):
     await apply(DEPLOY_SERVER)
     await apply(cmd("client-app", deploy("node-b")))
-    status = await asyncio.to_thread(fluidity.get_status)
-    assert status == {
+    assert await status() == {
         "namespace": NS,
         "applications": {
             APP: {
@@ -640,11 +900,13 @@ async def test_status_options_and_conflict_key(emu):
             }
         },
     }
-    emu.objects["apps/v1/deployments", NS, "demo-app-server-app-node-a"]["status"] = {
-        "readyReplicas": 1
-    }
-    status = await asyncio.to_thread(fluidity.get_status)
-    assert status["applications"][APP]["server-app"][0]["ready"] is True
+    await emu.mark_ready("demo-app-server-app-node-a")  # the watch brings the change
+    for _ in range(500):
+        (server,) = (await status())["applications"][APP]["server-app"]
+        if server["ready"]:
+            break
+        await asyncio.sleep(0.01)
+    assert server["ready"] is True and server["ready_replicas"] == 1
 
     options = fluidity.get_options()
     assert options["actions"] == ["deploy", "remove", "move", "change_spec", "scale"]
@@ -690,7 +952,6 @@ async def test_long_application_names_work_end_to_end(emu):
     assert dep["metadata"]["annotations"]["mlsysops.eu/app"] == app
     assert len(dep["metadata"]["labels"]["mlsysops.eu/app"]) <= 63
     validate(dep)
-    status = await asyncio.to_thread(fluidity.get_status)
-    assert list(status["applications"]) == [app]
+    assert list((await status())["applications"]) == [app]
     await apply({"name": app, "remove_app": True})
     assert state(emu) == {"deployments": {}, "services": {}}
