@@ -81,8 +81,10 @@ class PolicyHost:
         async with self._scanning:
             for change in await self.directory.prepare():
                 await self._take(change)
-                for listener in self.listeners:
-                    listener(change.name)
+
+    def _notify(self, name: str) -> None:
+        for listener in self.listeners:
+            listener(name)
 
     async def _take(self, change: Change) -> None:
         """Initialise a new version, then swap it in (or keep the old one if it failed)."""
@@ -90,6 +92,7 @@ class PolicyHost:
         if new is None:
             self.directory.commit(change)
             self.policies.pop(name, None)
+            self._notify(name)
             await self._publish_status(wire.PluginStatus(kind="policy", name=name,
                                                          loaded=False, error="removed"))
             return
@@ -101,6 +104,7 @@ class PolicyHost:
             self._versions.setdefault(name, deque(maxlen=VERSIONS_KEPT)).append(new.digest)
         elif serving is None or serving is new:
             self.policies.pop(name, None)
+        self._notify(name)  # before any await: the analyzer's pairs follow the swap at once
         await self._report_load(new, serving if serving is not new else None)
 
     async def _initialized(self, plugin: Plugin) -> Policy | None:
@@ -173,6 +177,5 @@ class PolicyHost:
             await self._publish_status(wire.PluginStatus(
                 kind="policy", name=policy.name, loaded=True, path=str(policy.plugin.path),
                 error=message))
-            for listener in self.listeners:
-                listener(policy.name)
+            self._notify(policy.name)
 
