@@ -597,3 +597,27 @@ async def test_verdicts_arriving_while_the_planner_initialises_a_new_version_are
         marker.touch()
         await nc.close()
     assert not [e for e in of(events, "error") if "not loaded" in e["message"]], events
+
+
+async def test_an_apply_running_while_its_mechanism_file_changes_is_applied_not_unknown(
+    loop_: Any, cfg: settings_mod.Settings, plugin_dirs: tuple[Path, Path]
+) -> None:
+    policies, mechanisms = plugin_dirs
+    log = kit.recorder(mechanisms)
+    kit.once_policy(policies, sleep=3)  # its apply takes 3 s
+    events: list[dict[str, Any]] = []
+    loop_.start()
+    nc = await kit.collect(cfg.nats_url, events, families=("exec", "result"))
+    try:
+        assert (await kit.publish_desc(cfg.nats_url, "app", "shop", kit.app_doc("shop")))[
+            "accepted"]
+        await kit.wait_for(lambda: of(events, "exec"), what="the execution request")
+        await asyncio.sleep(0.5)  # the apply is running
+        recorder = mechanisms / "recorder.py"
+        recorder.write_text(recorder.read_text() + "\n# edited\n")
+        await kit.wait_for(lambda: of(events, "result"), timeout=15, what="the result")
+    finally:
+        await nc.close()
+    (result,) = of(events, "result")
+    assert result["outcome"] == "applied", result
+    assert len(kit.applied(log)) == 1

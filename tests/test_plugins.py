@@ -264,6 +264,45 @@ def test_broken_file_is_not_reloaded_until_it_changes_then_loads(
     assert plugin is not None and plugin.error == "" and plugin.traceback == ""
 
 
+def test_a_changed_file_that_fails_to_load_leaves_the_old_version_in_place(
+    policies: PluginDirectory, policy_dir: Path
+) -> None:
+    path = write(policy_dir, "policy-a.py", POLICY + "VERSION = 1\n")
+    policies.scan()
+    old = policies.get("a")
+    assert old is not None
+    path.write_text("def analyze(:\n")
+    assert changes_of(policies.scan()) == {"a": False}  # the change, as it loaded
+    assert policies.get("a") is old and not old.closed  # ... and what serves
+    assert "SyntaxError" in policies.rejected["a"].error
+    assert policies.scan() == []  # the same broken content is not tried again
+    path.write_text(textwrap.dedent(POLICY) + "VERSION = 2\n")
+    assert changes_of(policies.scan()) == {"a": True}
+    new = policies.get("a")
+    assert new is not None and new.module.VERSION == 2  # type: ignore[union-attr]
+    assert "a" not in policies.rejected and old.closed
+
+
+def test_a_file_reverted_to_the_running_version_is_loaded_afresh(
+    policies: PluginDirectory, policy_dir: Path
+) -> None:
+    path = write(policy_dir, "policy-a.py", POLICY)
+    policies.scan()
+    old = policies.get("a")
+    assert old is not None and old.module is not None
+    path.write_text("def analyze(:\n")
+    policies.scan()
+    path.write_text(textwrap.dedent(POLICY))  # the edit undone: same digest as the old one
+    assert changes_of(policies.scan()) == {"a": True}
+    new = policies.get("a")
+    assert new is not None and new is not old and new.digest == old.digest
+    assert "a" not in policies.rejected
+    # Each has a module of its own; the replaced one left sys.modules with its plugin.
+    assert new.module is not None and new.module.__name__ != old.module.__name__
+    assert old.closed and old.module.__name__ not in sys.modules
+    assert sys.modules[new.module.__name__] is new.module
+
+
 def test_mechanisms_need_apply(tmp_path: Path) -> None:
     write(tmp_path, "cpu.py", MECHANISM)
     write(tmp_path, "noapply.py", "def get_status():\n    return {}\n")
