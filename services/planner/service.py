@@ -96,8 +96,9 @@ class Planner:
         plan = record.outbox_plan
         if plan is None or plan.verdict_id != verdict.verdict_id:
             if self._awaits_version(verdict):
-                log_.info("verdict made by a version of the policy not loaded here yet; "
-                          "waiting for it", verdict_digest=verdict.policy_digest)
+                say = log_.info if _first_delivery(msg) else log_.debug
+                say("verdict made by a version of the policy not loaded here yet; waiting "
+                    "for it", verdict_digest=verdict.policy_digest)
                 await msg.nak(delay=VERSION_RETRY)
                 return
             made = await self._make_plan(verdict)
@@ -243,6 +244,13 @@ class Planner:
                                                               last=revision)
         except jserr.KeyWrongLastSequenceError:
             log.warning("context changed while planning; release skipped", key=key)
+
+
+def _first_delivery(msg: Msg) -> bool:
+    try:
+        return (msg.metadata.num_delivered or 1) <= 1
+    except Exception:  # not a JetStream message (a test's): say it
+        return True
 
 
 def _after_decision(record: wire.ContextRecord, plan: wire.Plan,
