@@ -155,9 +155,11 @@ class PolicyHost:
         Only the policy's own errors count: it raised, returned something unusable,
         overran its deadline once running, or every one of its threads is still held by
         calls that did. A call that could not run or was cut short because the policy was
-        unloaded (its file changed or was removed; the service is stopping) is not its
-        failure: it is logged, neither counted nor reported. Waiting for one of its
-        threads is never a failure (that wait has no deadline).
+        unloaded (its file was removed; the service is stopping), or that a version
+        already replaced refused, is not its failure: it is logged, neither counted nor
+        reported. Waiting for one of its threads is never a failure (that wait has no
+        deadline). A replaced version's failures are reported, but only the serving
+        version is ever quarantined.
         """
         if isinstance(exc, PluginUnloaded):
             log.info("call ended by an unload, not counted", policy=policy.name, app=app,
@@ -167,6 +169,8 @@ class PolicyHost:
         await self.bus.report(wire.ErrorEvent(kind="policy", name=policy.name, app=app,
                                               message=f"{what}: {exc.message}",
                                               traceback=exc.traceback))
+        if self.policies.get(policy.name) is not policy:
+            return  # a replaced version finishing its calls: quarantine is the serving one's
         limit = self.bus.settings.quarantine_after
         if policy.failures >= limit and not policy.quarantined:
             policy.quarantined = True

@@ -515,3 +515,36 @@ async def test_plugin_threads_setting_is_range_checked() -> None:
     for raw in ("0", "-1", "100000"):
         with pytest.raises(Exception, match="--plugin-threads / MLSYSOPS_PLUGIN_THREADS"):
             settings_mod.load(None, env={"MLSYSOPS_PLUGIN_THREADS": raw})
+
+
+async def test_failures_of_a_replaced_version_do_not_quarantine_the_new_one(
+    dirs: tuple[Path, Path], make_policy_host: Any, release: threading.Event
+) -> None:
+    path = write(dirs[0], "policy-replaced.py", """
+        RELEASE = None
+
+        def analyze(context, *args):
+            RELEASE.wait(30)
+            raise RuntimeError("the old version fails")
+
+        def plan(context, *args):
+            return {}, context
+        """)
+    host = await make_policy_host(quarantine_after="1", call_timeout="20")
+    old = host.get("replaced")
+    assert old is not None and old.plugin.module is not None
+    old.plugin.module.RELEASE = release  # type: ignore[attr-defined]
+    running = asyncio.create_task(analyze_as_the_analyzer(host, old, "a1"))
+    await asyncio.sleep(0.2)
+    path.write_text(path.read_text() + "\n# changed\n")
+    await host.rescan()
+    new = host.get("replaced")
+    assert new is not None and new is not old
+    statuses: list[str] = []
+    host.listeners.append(statuses.append)
+    release.set()
+    assert await asyncio.wait_for(running, 10) is False
+    # The old version's failure is reported, but quarantine is about the version serving.
+    assert [e.message for e in host.bus.reports] == [
+        "analyze: analyze() raised RuntimeError: the old version fails"]
+    assert not new.quarantined and host.get("replaced") is new and statuses == []
