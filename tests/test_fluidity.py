@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import importlib.util
+import json
 import re
 import sys
 from pathlib import Path
@@ -118,7 +119,7 @@ class Emulator(kmock.KubernetesEmulator):
         content_type = {k.lower(): v for k, v in request.headers.items()}.get("content-type", "")
         writes = request.resource is not None and request.name and not request.subresource and (
             request.method.value == "PATCH")
-        response = None
+        response: Any = None
         if writes and "apply-patch" in content_type:
             created = await self._server_side_apply(request)
             if created is not None:
@@ -143,7 +144,7 @@ class Emulator(kmock.KubernetesEmulator):
                     self._objects[key] = request.data
                 raw = self._objects[key].last.raw
                 await self._buses[request.resource].put({"type": "ADDED", "object": raw})
-                return raw  # type: ignore[no-any-return]
+                return raw
             old, new = self._objects[key].raw, request.data
             dropped = _dropped({"spec": old.get("spec"), "metadata": {
                 part: (old.get("metadata") or {}).get(part) for part in ("labels", "annotations")
@@ -869,6 +870,187 @@ async def test_an_unreachable_api_is_a_clear_error(monkeypatch):
             await apply(DEPLOY_SERVER)
     finally:
         await fluidity._reset_client()
+
+
+# --------------------------------------------------------------------------- eligibility
+def described_node(name: str, **facts: Any) -> None:
+    descriptions.set("node", name, {"name": name, "cluster_id": "test-cluster", **facts})
+
+
+def with_placement(component: dict[str, Any], **placement: Any) -> dict[str, Any]:
+    out = copy.deepcopy(component)
+    out["node_placement"] = placement
+    return out
+
+
+ELIGIBILITY = {
+    "no such Node": (
+        {"cluster_nodes": ["node-a", "node-b", "node-c"]},
+        cmd("client-app", deploy("node-c")),
+        "node 'node-c' refused for component 'client-app': no such Node in the cluster",
+    ),
+    "not Ready": (
+        {"node": node("node-b", ready="False")},
+        cmd("client-app", deploy("node-b")),
+        "node 'node-b' refused for component 'client-app': it is not Ready "
+        "(Ready=False: KubeletNotReady)",
+    ),
+    "no Ready condition": (
+        {"node": {**node("node-b"), "status": {"allocatable": {"cpu": "4"}}}},
+        cmd("client-app", deploy("node-b")),
+        "node 'node-b' refused for component 'client-app': it reports no Ready condition",
+    ),
+    "another architecture": (
+        {"node": node("node-b", arch="arm64")},
+        cmd("server-app", deploy("node-b")),
+        "node 'node-b' refused for component 'server-app': the component needs cpu "
+        "architecture ['amd64'], the node is 'arm64'",
+    ),
+    "pinned elsewhere": (
+        {"component": with_placement(CLIENT, node="node-a")},
+        cmd("client-app", deploy("node-b")),
+        "node 'node-b' refused for component 'client-app': the component is pinned to node "
+        "'node-a' by its description",
+    ),
+    "another continuum layer": (
+        {"component": with_placement(CLIENT, continuum_layer=["edge"]),
+         "described": {"node-b": {"continuum_layer": "far_edge"}}},
+        cmd("client-app", deploy("node-b")),
+        "the component needs continuum_layer ['edge'], the node is 'far_edge'",
+    ),
+    "a layer nobody described": (
+        {"component": with_placement(CLIENT, continuum_layer=["edge"])},
+        cmd("client-app", deploy("node-b")),
+        "the component needs continuum_layer ['edge'] and the node has no description "
+        "saying its layer",
+    ),
+    "not mobile": (
+        {"component": with_placement(CLIENT, mobile=True),
+         "described": {"node-b": {"mobile": False}}},
+        cmd("client-app", deploy("node-b")),
+        "the component needs a mobile node, the node is not described as mobile",
+    ),
+    "a missing label": (
+        {"component": with_placement(CLIENT, labels=["site:lab", "tier:edge"]),
+         "described": {"node-b": {"labels": ["tier:edge"]}}},
+        cmd("client-app", deploy("node-b")),
+        "the node lacks the label(s) site:lab the component needs",
+    ),
+    "no room for the requests": (
+        {"node": node("node-b", cpu="200m")},
+        cmd("server-app", deploy("node-b")),
+        "node 'node-b' refused for component 'server-app': not enough room (cpu: 0.25 cores "
+        "requested, 0.2 cores free of 0.2 cores allocatable)",
+    ),
+    "a move to a node without room": (
+        {"node": node("node-b", memory="32Mi"), "first": DEPLOY_SERVER},
+        {"name": APP, "deployment_plan": {"server-app": [
+            {"action": "move", "src_host": "node-a", "target_host": "node-b"}]}},
+        "node 'node-b' refused for component 'server-app': not enough room (memory: 64Mi "
+        "requested, 32Mi free of 32Mi allocatable)",
+    ),
+}
+
+
+@pytest.mark.parametrize(("setup", "command", "reason"), ELIGIBILITY.values(),
+                         ids=ELIGIBILITY.keys())
+async def test_a_placement_on_an_ineligible_node_is_refused_naming_the_node_and_why(
+        emu, setup, command, reason):
+    if "node" in setup:
+        emu.objects["v1/nodes", None, setup["node"]["metadata"]["name"]] = setup["node"]
+    if "cluster_nodes" in setup:
+        descriptions.set("cluster", "test-cluster", {**CLUSTER, "nodes": setup["cluster_nodes"]})
+    if "component" in setup:
+        others = [c for c in APP_SPEC["components"]
+                  if c["metadata"]["name"] != setup["component"]["metadata"]["name"]]
+        descriptions.set("app", APP, {"name": APP, "components": [*others, setup["component"]]})
+    for name, facts in setup.get("described", {}).items():
+        described_node(name, **facts)
+    if "first" in setup:
+        await apply(setup["first"])
+    before, count = state(emu), len(writes(emu))
+    with pytest.raises(MechanismError) as caught:
+        await apply(command)
+    assert reason in str(caught.value)
+    assert "nothing was changed" in str(caught.value)
+    assert len(writes(emu)) == count and state(emu) == before
+
+
+async def test_a_node_that_matches_every_requirement_is_accepted(emu):
+    component = with_placement(CLIENT, continuum_layer=["edge", "far_edge"], mobile=True,
+                               labels=["site:lab", "tier:edge"])
+    descriptions.set("app", APP, {"name": APP, "components": [SERVER, component]})
+    described_node("node-b", continuum_layer="far_edge", mobile=True, labels=["tier:edge"])
+    emu.objects["v1/nodes", None, "node-b"] = node("node-b", site="lab")  # a Kubernetes label
+    await apply(cmd("client-app", deploy("node-b")))
+    assert list(objects(emu, "deployments")) == ["demo-app-client-app-node-b"]
+
+
+async def test_room_counts_what_other_applications_already_run_on_the_node(emu):
+    emu.objects["v1/nodes", None, "node-b"] = node("node-b", cpu="600m")
+    descriptions.set("app", "shop", {"name": "shop", "components": [SERVER]})
+    descriptions.set("app", "blog", {"name": "blog", "components": [SERVER]})
+    await apply(cmd("server-app", deploy("node-b")))  # 250m of 600m
+    await apply(cmd("server-app", deploy("node-b"), app="shop"))  # 500m of 600m
+    with pytest.raises(MechanismError, match=r"cpu: 0.25 cores requested, 0.1 cores free "
+                                             r"of 0.6 cores allocatable"):
+        await apply(cmd("server-app", deploy("node-b"), app="blog"))
+    await apply({"name": "shop", "remove_app": True})
+    await apply(cmd("server-app", deploy("node-b"), app="blog"))  # room again
+    assert sorted(objects(emu, "deployments")) == ["blog-server-app-node-b",
+                                                   "demo-app-server-app-node-b"]
+
+
+async def test_a_node_that_stops_being_ready_takes_no_new_instances(emu):
+    await apply(cmd("client-app", deploy("node-b")))
+    emu.objects["v1/nodes", None, "node-b"] = node("node-b", ready="Unknown")
+    emu.objects["v1/nodes", None, "node-a"] = node("node-a")
+    await emu.expire_watches("nodes")  # the watch ends; the Nodes are listed again
+    for _ in range(500):
+        try:
+            await apply(cmd("server-app", deploy("node-b")))
+        except MechanismError as exc:
+            assert "node 'node-b' refused for component 'server-app': it is not Ready" in str(exc)
+            break
+        await apply(cmd("server-app", {"action": "remove", "host": "node-b"}))
+        await asyncio.sleep(0.01)
+    else:
+        raise AssertionError("the Node that is not Ready was never noticed")
+    # what already runs there is not touched, and can be moved away
+    emu.auto_ready = True
+    await apply({"name": APP, "deployment_plan": {"client-app": [
+        {"action": "move", "src_host": "node-b", "target_host": "node-a"}]}})
+    assert "demo-app-client-app-node-a" in objects(emu, "deployments")
+
+
+async def test_without_any_configuration_the_error_says_what_is_missing(monkeypatch, tmp_path):
+    monkeypatch.delenv("MLSYSOPS_KUBE_API_URL", raising=False)
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
+    with pytest.raises(MechanismError, match="no Kubernetes API: not running in a cluster, "
+                                             "no usable kubeconfig"):
+        await apply(DEPLOY_SERVER)
+
+
+async def test_the_files_of_kubeconfig_are_merged_as_kubectl_merges_them(emu, monkeypatch,
+                                                                         tmp_path):
+    """The current context from the first file, its cluster and user from the second."""
+    url = str(emu.servers[0].url)
+    monkeypatch.setenv("MLSYSOPS_KUBE_API_URL", "")
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    first = {"apiVersion": "v1", "kind": "Config", "current-context": "lab",
+             "contexts": [{"name": "lab", "context": {"cluster": "lab", "user": "me"}}]}
+    second = {"apiVersion": "v1", "kind": "Config", "current-context": "elsewhere",
+              "clusters": [{"name": "lab", "cluster": {"server": url}}],
+              "users": [{"name": "me", "user": {"token": "t0ken"}}]}
+    paths = [tmp_path / "first", tmp_path / "second"]
+    for path, doc in zip(paths, (first, second), strict=True):
+        path.write_text(json.dumps(doc))
+    monkeypatch.setenv("KUBECONFIG", ":".join(map(str, paths)))
+    await fluidity._reset_client()
+    await apply(DEPLOY_SERVER)
+    assert list(objects(emu, "deployments")) == ["demo-app-server-app-node-a"]
+    assert {r.headers.get("Authorization") for r in applied(emu)} == {"Bearer t0ken"}
 
 
 # --------------------------------------------------------------------------- status

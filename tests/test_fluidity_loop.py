@@ -324,6 +324,8 @@ async def delete_and_wait_for_cleanup(emu: Any, url: str, events: list[dict[str,
     assert reply["accepted"] and reply["deleted"], reply
     await kit.wait_for(lambda: not of_app(emu, "demo-app"), timeout=timeout,
                        what="demo-app's objects removed")
+    print(f"\ndemo-app's objects removed {time.time() - deleted_at:.1f} s after its "
+          "description was deleted")
     await kit.wait_for(lambda: any(r["policy"] == "appCleanup" for r in results(events)),
                        what="the cleanup result")
     return deleted_at

@@ -1084,7 +1084,7 @@ def _ineligible(p: _Placement, component: dict[str, Any], nodes: dict[str, dict[
     _add_load(load, p.host, per_replica, p.replicas)
     allocatable = (node.get("status") or {}).get("allocatable") or {}
     short = []
-    for resource, unit in (("cpu", " cores"), ("memory", " bytes")):
+    for resource in ("cpu", "memory"):
         need = per_replica[resource] * p.replicas
         if resource not in allocatable or not need:
             continue
@@ -1094,11 +1094,19 @@ def _ineligible(p: _Placement, component: dict[str, Any], nodes: dict[str, dict[
             continue
         if before[resource] + need > room:
             free = max(room - before[resource], 0.0)
-            short.append(f"{resource}: {need:g}{unit} requested, {free:g}{unit} free of "
-                         f"{room:g}{unit} allocatable")
+            short.append(f"{resource}: {_amount(resource, need)} requested, "
+                         f"{_amount(resource, free)} free of {_amount(resource, room)} "
+                         "allocatable")
     if short:
         return "not enough room (" + "; ".join(short) + ")"
     return ""
+
+
+def _amount(resource: str, value: float) -> str:
+    """An amount of cpu (cores) or memory (Mi) as people read it."""
+    if resource == "cpu":
+        return f"{round(value, 3):g} cores"
+    return f"{round(value / 2**20, 1):g}Mi"
 
 
 def _requirement_mismatch(host: str, component: dict[str, Any], spec: dict[str, Any],
@@ -1262,9 +1270,15 @@ class _Cluster:
 
         self.url, self.namespace = url, namespace
         self.loop = asyncio.get_running_loop()
-        self.client = AsyncClient(_kube_config(url), namespace=namespace,
-                                  timeout=httpx2.Timeout(self.timeout), lazy=False,
-                                  field_manager=FIELD_MANAGER)
+        try:
+            self.client = AsyncClient(_kube_config(url), namespace=namespace,
+                                      timeout=httpx2.Timeout(self.timeout), lazy=False,
+                                      field_manager=FIELD_MANAGER)
+        except MechanismError:
+            raise
+        except Exception as exc:  # e.g. a kubeconfig user with a legacy auth-provider
+            raise MechanismError(f"no Kubernetes API: the configuration is unusable: "
+                                 f"{type(exc).__name__}: {exc}") from None
         owned = {MANAGED_BY: in_([MANAGER, LEGACY_MANAGER])}
         self.deployments = _Informer(self.client, Deployment, namespace, _ours, owned)
         self.services = _Informer(self.client, Service, namespace, _ours, owned)
