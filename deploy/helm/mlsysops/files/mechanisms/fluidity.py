@@ -1155,12 +1155,16 @@ def _raw(obj: Any) -> dict[str, Any]:
     return out if isinstance(out, dict) else {}
 
 
+WATCH_SECONDS = 300  # the API server ends each watch after this; it resumes, no new LIST
+
+
 class _Informer:
     """A cache of one resource, as a controller keeps one: list once, then watch.
 
-    The watch resumes from the list's ``resourceVersion``; when the server answers 410
-    Gone (that version is too old) the cache is listed again. Any other failure is
-    retried after a growing pause (1 s up to 30 s), also by listing again.
+    The watch resumes from the list's ``resourceVersion`` (and, each time the server ends
+    it, from the last version it delivered); when the server answers 410 Gone (that
+    version is too old) the cache is listed again. Any other failure is retried after a
+    growing pause (1 s up to 30 s), also by listing again.
     """
 
     def __init__(self, client: AsyncClient, resource: Any, namespace: str | None,
@@ -1210,7 +1214,7 @@ class _Informer:
 
     async def _watch(self, version: str | None) -> None:
         stream = self.client.watch(self.resource, namespace=self.namespace, labels=self.labels,
-                                   resource_version=version)
+                                   resource_version=version, server_timeout=WATCH_SECONDS)
         try:
             async for event, obj in stream:
                 self.seen(event, _raw(obj))
