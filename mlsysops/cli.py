@@ -163,14 +163,16 @@ async def publish(cfg: settings_mod.Settings, kind: str, name: str, data: bytes,
     check_token(kind, name)
     subject = Subjects(cfg.prefix).desc(kind, name)
     return await _request(cfg, subject, data, as_json=as_json, render=_describe_reply,
-                          timeout=timeout, unanswered=(
+                          timeout=timeout, outcome=Subjects(cfg.prefix).desc_result(kind, name),
+                          unanswered=(
                               "the description is kept in the intake stream and taken in when "
                               f"a monitor runs; its outcome is announced on "
                               f"{Subjects(cfg.prefix).desc_result(kind, name)}"))
 
 
 async def _request(cfg: settings_mod.Settings, subject: str, data: bytes, *, as_json: bool,
-                   render: Any, timeout: float = 10.0, unanswered: str = "") -> int:
+                   render: Any, timeout: float = 10.0, unanswered: str = "",
+                   outcome: str = "") -> int:
     import nats
 
     from mlsysops.bus import connect_options
@@ -188,7 +190,7 @@ async def _request(cfg: settings_mod.Settings, subject: str, data: bytes, *, as_
               f"{exc or 'no answer within 5 s'}", file=sys.stderr)
         return 4
     try:
-        msg = await nc.request(subject, data, timeout=timeout)
+        raw = await _ask(nc, subject, data, timeout, outcome)
     except nats.errors.NoRespondersError:
         print(f"mlsysops: nothing is listening on {subject} (is the loop running?)",
               file=sys.stderr)
@@ -199,9 +201,44 @@ async def _request(cfg: settings_mod.Settings, subject: str, data: bytes, *, as_
         return 5
     finally:
         await nc.close()
-    reply = json.loads(msg.data)
+    reply = json.loads(raw)
     print(json.dumps(reply, indent=2) if as_json else render(reply))
     return 0 if reply.get("accepted") else 1
+
+
+async def _ask(nc: Any, subject: str, data: bytes, timeout: float, outcome: str) -> bytes:
+    """The reply to a request; with ``outcome``, also an outcome announced there for this
+    payload, whichever comes first (a request that reached the intake stream before any
+    monitor listened is taken in, but only announced)."""
+    import nats
+
+    from mlsysops.wire import payload_digest
+
+    if not outcome:
+        return bytes((await nc.request(subject, data, timeout=timeout)).data)
+    announced: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+    digest = payload_digest(data)
+
+    async def on_outcome(msg: Any) -> None:
+        if not announced.done() and json.loads(msg.data).get("digest") == digest:
+            announced.set_result(bytes(msg.data))
+
+    sub = await nc.subscribe(outcome, cb=on_outcome)
+    asked = asyncio.ensure_future(nc.request(subject, data, timeout=timeout))
+    try:
+        await asyncio.wait({asked, announced}, return_when=asyncio.FIRST_COMPLETED)
+        if announced.done():
+            return announced.result()
+        try:
+            return bytes(asked.result().data)
+        except nats.errors.TimeoutError:
+            if announced.done():
+                return announced.result()
+            raise
+    finally:
+        asked.cancel()
+        await asyncio.gather(asked, return_exceptions=True)
+        await sub.unsubscribe()
 
 
 def _describe_reply(reply: dict[str, Any]) -> str:

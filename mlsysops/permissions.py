@@ -66,12 +66,13 @@ def allowed(rules: dict[str, Any] | None, subject: str) -> bool:
 
 def needs(service: str, prefix: str) -> list[Need]:
     """The permissions ``service`` needs with subject prefix ``prefix``."""
-    from mlsysops.subjects import STREAM_FAMILIES, Subjects
+    from mlsysops.subjects import INTAKE_FAMILY, STREAM_FAMILIES, Subjects
 
     s = Subjects(prefix)
     buckets = [s.bucket(b) for b in ("desc", "context", "sched", "ledger", "status", "leases")]
     layout = [Need("publish", f"$JS.API.STREAM.CREATE.{name}", "to create the streams")
-              for name in [s.stream(f) for f in STREAM_FAMILIES] + [f"KV_{b}" for b in buckets]]
+              for name in [s.stream(f) for f in (*STREAM_FAMILIES, INTAKE_FAMILY)]
+              + [f"KV_{b}" for b in buckets]]
 
     def watch(*roles: str) -> list[Need]:
         return [Need("publish", f"$JS.API.CONSUMER.CREATE.KV_{s.bucket(r)}", f"to watch {r}")
@@ -97,9 +98,12 @@ def needs(service: str, prefix: str) -> list[Need]:
     common = [*layout, Need("subscribe", "_INBOX.>", "for replies"),
               Need("publish", f"$KV.{s.bucket('leases')}.svc.{service}.>", "for heartbeats")]
     table = {
-        "monitor": [Need("subscribe", s.desc_all, "to receive descriptions"),
+        "monitor": [Need("subscribe", s.desc_all, "to answer description requests"),
+                    *durable(INTAKE_FAMILY, "monitor"),
+                    pub("desc_result.*.*", "to announce each description's outcome"),
+                    Need("subscribe", s.desc_result_all, "to answer with the outcome"),
                     pub("telemetry.>", "to publish telemetry"), put("desc", ">"),
-                    *get("desc"),
+                    put("leases", "leader.monitor"), *get("desc"),
                     *watch("context"), pub("error.desc", "to report rejections")],
         "analyzer": [Need("subscribe", s.wildcard("telemetry"), "to follow telemetry"),
                      Need("subscribe", s.trigger_all, "to take triggers"),
@@ -118,7 +122,8 @@ def needs(service: str, prefix: str) -> list[Need]:
                       put("leases", "leader.scheduler"),
                       *durable("plans", "scheduler"), pub("error.service.scheduler", "to report")],
         "executor": [pub("result.>", "to publish results"), pub("status.>", "to publish status"),
-                     put("ledger", ">"), put("status", "mech.>"), *get("ledger"),
+                     put("ledger", ">"), put("status", "mech.>"),
+                     put("status", "mechapp.>"), *get("ledger"),
                      *watch("desc", "status"), *durable("exec", "executor"),
                      pub("error.service.executor", "to report")],
     }

@@ -10,6 +10,7 @@ Everything is JSON on the wire so that operators can read it with the ``nats`` C
 
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import Any, Generic, Literal, TypeVar
 
@@ -165,6 +166,20 @@ class MechanismStatus(msgspec.Struct, tag="status"):
     error: str = ""
     updated_at: float = 0.0
     executor: str = ""
+    # True: ``state["applications"]`` is kept per application (``MechanismPiece``), not here
+    pieces: bool = False
+    # why the last status could not be stored in full (policies see the previous one)
+    store_error: str = ""
+
+
+class MechanismPiece(msgspec.Struct, tag="piece"):
+    """One application's part of a mechanism's status, kept under its own key so that no
+    message grows with the fleet."""
+
+    mechanism: str
+    app: str
+    state: Any = None
+    updated_at: float = 0.0
 
 
 class ErrorEvent(msgspec.Struct, tag="error"):
@@ -332,7 +347,13 @@ HEARTBEAT = Codec(ServiceHeartbeat)
 STORED_DESC = Codec(StoredDescription)
 DESC_REPLY = Codec(DescReply)
 MECH_STATUS = Codec(MechanismStatus)
+MECH_PIECE = Codec(MechanismPiece)
 ERROR_EVENT = Codec(ErrorEvent)
+
+
+def payload_digest(data: bytes) -> str:
+    """``DescReply.digest``: matches an announced outcome to the publication it is for."""
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
 
 
 def make_id(kind: str, *parts: object) -> str:

@@ -20,7 +20,8 @@ import nats
 import pytest
 import yaml
 
-from mlsysops import runtime, settings as settings_mod, wire
+from mlsysops import runtime, wire
+from mlsysops import settings as settings_mod
 from mlsysops.bus import Bus
 from services.analyzer.service import Analyzer
 from services.monitor.service import Monitor

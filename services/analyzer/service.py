@@ -30,7 +30,7 @@ import nats.js.errors as jserr
 from mlsysops import http, inbound, logs, subjects, wire
 from mlsysops.bus import Bus, KVCache
 from mlsysops.errors import PluginError
-from mlsysops.policies import check_context, check_result
+from mlsysops.policies import check_context, check_result, interval_of, mechanisms_argument
 from mlsysops.policyhost import Policy, PolicyHost
 from mlsysops.state import StateView, desc_key
 
@@ -199,11 +199,11 @@ class Analyzer:
                 forced = pair in self._forced
                 self._forced.discard(pair)
                 if not self.owns(pair):
-                    self._schedule(pair, now + policy.settings.interval)
+                    self._schedule(pair, now + self.interval(policy, pair[1]))
                     continue
                 await self._slots.acquire()
                 # the next evaluation is one interval after this one really starts
-                self._schedule(pair, time.monotonic() + policy.settings.interval)
+                self._schedule(pair, time.monotonic() + self.interval(policy, pair[1]))
                 self._running.add(pair)
                 task = asyncio.ensure_future(self._evaluate_guarded(policy, pair, forced))
                 self._evaluations.add(task)
@@ -235,6 +235,15 @@ class Analyzer:
                 log.debug("context cleanup failed", key=key, error=str(exc))
                 continue
             self.contexts.apply(key, item[0], None)
+
+    def interval(self, policy: Policy, app: str) -> float:
+        """The pair's analysis interval: ``configuration.analyze_interval`` of its live
+        context (a policy may change it from ``analyze``, as upstream policies do), else
+        the one ``initialize()`` gave."""
+        record = self.contexts.value(wire.context_key(policy.name, app))
+        if record is None:
+            return policy.settings.interval
+        return interval_of(record.context, policy.settings.interval)
 
     def generation(self, app: str) -> str | None:
         """The generation of ``app``'s stored description ("" for _global; None: gone)."""
@@ -276,7 +285,7 @@ class Analyzer:
         if record.inflight:
             await self._maybe_republish(record)
             return
-        if not forced and wire.now() < record.last_eval + policy.settings.interval * 0.5:
+        if not forced and wire.now() < record.last_eval + self.interval(policy, app) * 0.5:
             return  # another replica evaluated this pair within this interval
         outcome = await self._analyze(policy, app, record.context)
         if outcome is None:
@@ -297,6 +306,9 @@ class Analyzer:
                 verdict.verdict_id, verdict.created_at, verdict)
         if not await self._store(key, revision, new):
             return
+        # a shorter interval asked for in the new context applies from now on
+        self._schedule((policy.name, app),
+                       time.monotonic() + interval_of(context, policy.settings.interval))
         if verdict is not None:
             await self.bus.publish(self.bus.subjects.verdict(app, policy.name), verdict,
                                    msg_id=verdict.verdict_id)
@@ -305,7 +317,8 @@ class Analyzer:
     async def _analyze(self, policy: Policy, app: str,
                        context: dict[str, Any]) -> tuple[bool, dict[str, Any]] | None:
         args = (_copy(context), self.state.app_description(app), self.state.system_description(),
-                self.state.mechanisms(), self.state.telemetry(),
+                mechanisms_argument(self.state.mechanisms(app), policy.settings),
+                self.state.telemetry(),
                 self.bus.settings.ml_connector_url or None)
         try:
             result = await policy.plugin.call("analyze", *args,

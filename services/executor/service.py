@@ -17,6 +17,8 @@ Each executor also publishes every mechanism's ``get_status``/``get_options`` on
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
 import time
 from typing import Any
 
@@ -31,7 +33,7 @@ from mlsysops.consumer import consume
 from mlsysops.errors import CallAbandoned, PluginError
 from mlsysops.mechhost import MechanismHost
 from mlsysops.plugins import Plugin
-from mlsysops.state import StateView, mech_key
+from mlsysops.state import StateView, mech_key, piece_key
 
 log = logs.get(__name__)
 # Redelivery of a request whose executor died: the consumer keeps a request alive with
@@ -40,6 +42,7 @@ log = logs.get(__name__)
 ACK_WAIT = 4.0
 CONCURRENCY = 16  # requests handled at once by one executor
 RECORD_FOR = 300.0  # seconds the outcome of an apply is retried into the ledger
+_TOKEN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,127}")  # an application name as a key token
 INTERRUPTED = ("interrupted: the executor stopped during apply; the outcome is unknown and "
                "the command is not applied again (mechanisms are best effort)")
 
@@ -52,6 +55,8 @@ class Executor:
         self.state = StateView(bus, telemetry=False)
         self.mechanisms = MechanismHost(bus)
         self.mechanisms.listeners.append(self._on_mechanism)
+        self._pieces: dict[str, dict[str, bytes]] = {}  # mechanism -> app -> state written
+        self._store_errors: dict[str, str] = {}
 
     def tasks(self) -> list[Any]:
         return [*self.state.tasks(), self.mechanisms.watch(), self._consume(),
@@ -176,12 +181,27 @@ class Executor:
         if plugin is None or not plugin.loaded:
             try:
                 await self.bus.kv(subjects.BUCKET_STATUS).delete(mech_key(name))
+                await self._store_pieces(name, None)
             except Exception as exc:
                 log.debug("could not clear mechanism status", error=str(exc))
         else:
             await self._publish_status(name, plugin)
 
     async def _publish_status(self, name: str, plugin: Plugin) -> None:
+        await self.state.wait_ready()  # the pieces stored already are known
+        status = await self._read_status(name, plugin)
+        apps = _split_applications(status)
+        try:
+            problems = await self._store_pieces(name, apps)
+            status.store_error = "; ".join(problems)
+            data = wire.encode(status)
+            await self.bus.kv(subjects.BUCKET_STATUS).put(mech_key(name), data)
+            await self.bus.nc.publish(self.bus.subjects.status(name), data)  # type: ignore[union-attr]
+        except Exception as exc:
+            problems = [f"{type(exc).__name__}: {exc}"]
+        await self._report_store(name, problems)
+
+    async def _read_status(self, name: str, plugin: Plugin) -> wire.MechanismStatus:
         status = wire.MechanismStatus(mechanism=name, updated_at=wire.now(),
                                       executor=self.bus.instance)
         timeout = self.bus.settings.call_timeout
@@ -190,16 +210,80 @@ class Executor:
                 status.state = await plugin.call("get_status", timeout=timeout)
             if plugin.function("get_options"):
                 status.options = await plugin.call("get_options", timeout=timeout)
-            data = wire.encode(status)
+            wire.encode(status)  # plain data only
         except (PluginError, TypeError, msgspec.EncodeError) as exc:
             status.state = status.options = None
             status.error = exc.message if isinstance(exc, PluginError) else str(exc)
-            data = wire.encode(status)
-        try:
-            await self.bus.kv(subjects.BUCKET_STATUS).put(mech_key(name), data)
-            await self.bus.nc.publish(self.bus.subjects.status(name), data)  # type: ignore[union-attr]
-        except Exception as exc:
-            log.debug("could not publish mechanism status", error=str(exc))
+        return status
+
+    async def _store_pieces(self, name: str, apps: dict[str, Any] | None) -> list[str]:
+        """Write the applications' pieces that changed, delete those of departed ones.
+
+        Returns what could not be stored (each piece is a message of its own: one too
+        large fails alone, and policies keep seeing its previous version).
+        """
+        kv = self.bus.kv(subjects.BUCKET_STATUS)
+        if name not in self._pieces:  # what is stored already (an earlier run wrote it)
+            prefix = piece_key(name, "")
+            self._pieces[name] = {k[len(prefix):]: wire.encode(p.state)
+                                  for k, p in self.state.pieces.items() if k.startswith(prefix)}
+        written = self._pieces[name]
+        now = wire.now()
+        changed = {app: wire.encode(state) for app, state in (apps or {}).items()}
+        changed = {app: raw for app, raw in changed.items() if written.get(app) != raw}
+        gone = [app for app in written if apps is None or app not in apps]
+        problems: list[str] = []
+
+        async def put(app: str) -> None:
+            piece = wire.MechanismPiece(mechanism=name, app=app, state=(apps or {})[app],
+                                        updated_at=now)
+            try:
+                await kv.put(piece_key(name, app), wire.encode(piece))
+                written[app] = changed[app]
+            except Exception as exc:
+                problems.append(f"application {app}: {type(exc).__name__}: {exc}")
+
+        async def delete(app: str) -> None:
+            with contextlib.suppress(Exception):
+                await kv.delete(piece_key(name, app))
+                written.pop(app, None)
+
+        jobs = [put(app) for app in changed] + [delete(app) for app in gone]
+        for start in range(0, len(jobs), 256):  # bounded: a first status of 10k pieces
+            await asyncio.gather(*jobs[start:start + 256])
+        return problems
+
+    async def _report_store(self, name: str, problems: list[str]) -> None:
+        """A status that could not be stored is an error event (once until it changes)."""
+        message = "; ".join(problems)
+        if message == self._store_errors.get(name, ""):
+            return
+        self._store_errors[name] = message
+        if not message:
+            return
+        log.warning("could not store mechanism status", mechanism=name, error=message)
+        with contextlib.suppress(Exception):
+            await self.bus.report(wire.ErrorEvent(
+                kind="mechanism", name=name,
+                message=f"status could not be stored ({message}); policies see the previous "
+                        "status"))
+
+
+def _split_applications(status: wire.MechanismStatus) -> dict[str, Any] | None:
+    """Take ``state["applications"]`` out of the status to be stored per application.
+
+    Only a mapping keyed by names usable as keys is split (``status.pieces`` says so);
+    anything else stays in the status as the mechanism returned it.
+    """
+    state = status.state
+    if not isinstance(state, dict) or not isinstance(state.get("applications"), dict):
+        return None
+    apps = state["applications"]
+    if not all(isinstance(app, str) and _TOKEN.fullmatch(app) for app in apps):
+        return None
+    status.state = {k: v for k, v in state.items() if k != "applications"}
+    status.pieces = True
+    return dict(apps)
 
 
 def _with_plan_id(request: wire.ExecRequest) -> Any:

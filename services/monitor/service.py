@@ -27,7 +27,6 @@ import asyncio
 import collections
 import contextlib
 import functools
-import hashlib
 import time
 import uuid
 from typing import Any
@@ -115,7 +114,7 @@ class Monitor:
                           exc_info=exc)
                 reply = wire.DescReply(accepted=False, kind=kind, name=name, errors=[
                     wire.FieldError("$", f"internal error while storing: {exc!r}")])
-        reply.seq, reply.digest = seq, payload_digest(data)
+        reply.seq, reply.digest = seq, wire.payload_digest(data)
         if not reply.accepted:
             await self.bus.report(wire.ErrorEvent(
                 kind="desc", name=name, message=f"{kind} {name!r} rejected: " + "; ".join(
@@ -134,7 +133,7 @@ class Monitor:
 
     async def _answer(self, msg: Msg) -> None:
         tokens = msg.subject.split(".")
-        kind, name, digest = tokens[-2], tokens[-1], payload_digest(msg.data)
+        kind, name, digest = tokens[-2], tokens[-1], wire.payload_digest(msg.data)
         reply = await self._outcomes.wait(kind, name, digest, REPLY_WAIT)
         if reply is None:
             reply = wire.DescReply(accepted=False, kind=kind, name=name, digest=digest,
@@ -245,18 +244,13 @@ class Monitor:
     async def _status(self) -> None:
         """Keep the collector's state (source up or down, queries) in the status bucket."""
         while True:
-            await asyncio.sleep(2.0)
-            if not self.lease.held:
-                continue  # the collecting replica says how collection goes
-            data = wire.encode({**self.collector.status(), "collector": self.bus.instance})
-            try:
-                await self.bus.kv(subjects.BUCKET_STATUS).put("telemetry", data)
-            except Exception as exc:
-                log.debug("could not store telemetry status", error=str(exc))
-
-
-def payload_digest(data: bytes) -> str:
-    return hashlib.blake2b(data, digest_size=8).hexdigest()
+            if self.lease.held:  # the collecting replica says how collection goes
+                data = wire.encode({**self.collector.status(), "collector": self.bus.instance})
+                try:
+                    await self.bus.kv(subjects.BUCKET_STATUS).put("telemetry", data)
+                except Exception as exc:
+                    log.debug("could not store telemetry status", error=str(exc))
+            await asyncio.sleep(0.5 if not self.lease.held else 2.0)
 
 
 _Key = tuple[str, str, str]  # kind, name, payload digest

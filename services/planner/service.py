@@ -35,7 +35,7 @@ from mlsysops import inbound, logs, subjects, wire
 from mlsysops.bus import Bus
 from mlsysops.consumer import consume
 from mlsysops.errors import PluginError
-from mlsysops.policies import check_context, check_plan, check_result
+from mlsysops.policies import check_context, check_plan, check_result, mechanisms_argument
 from mlsysops.policyhost import PolicyHost
 from mlsysops.state import StateView
 
@@ -216,7 +216,8 @@ class Planner:
             return None  # the application was deleted since the verdict
         if verdict.policy_digest and verdict.policy_digest != policy.plugin.digest:
             await self._version_mismatch(verdict, policy.plugin.digest)
-        args = (verdict.context, apps, self.state.system_description(), self.state.mechanisms(),
+        mechanisms = mechanisms_argument(self.state.mechanisms(verdict.app), policy.settings)
+        args = (verdict.context, apps, self.state.system_description(), mechanisms,
                 self.state.telemetry(), self.bus.settings.ml_connector_url or None)
         try:
             result = await policy.plugin.call("plan", *args,
