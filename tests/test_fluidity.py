@@ -521,6 +521,19 @@ async def test_a_move_waits_for_every_replica_of_the_new_instance(emu, monkeypat
     assert objects(emu, "deployments")["demo-app-server-app-node-b"]["spec"]["replicas"] == 2
 
 
+async def test_a_move_abandoned_while_it_waits_removes_the_new_instance(emu):
+    """The executor cancels an apply that overruns its deadline: the old instance is the
+    one left running."""
+    await apply(DEPLOY_SERVER)
+    moving = asyncio.ensure_future(apply(MOVE_SERVER))
+    await until(lambda: "demo-app-server-app-node-b" in objects(emu, "deployments"),
+                "the new instance")
+    moving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await moving
+    assert list(objects(emu, "deployments")) == ["demo-app-server-app-node-a"]
+
+
 async def test_move_carries_the_spec_the_instance_runs(emu):
     emu.auto_ready = True
     await apply(DEPLOY_SERVER)
@@ -1051,6 +1064,29 @@ async def test_the_files_of_kubeconfig_are_merged_as_kubectl_merges_them(emu, mo
     await apply(DEPLOY_SERVER)
     assert list(objects(emu, "deployments")) == ["demo-app-server-app-node-a"]
     assert {r.headers.get("Authorization") for r in applied(emu)} == {"Bearer t0ken"}
+
+
+async def test_without_access_to_nodes_placements_fail_saying_so_and_the_rest_works(
+        monkeypatch):
+    emulator = Emulator()
+    emulator.resources["apps/v1/deployments"] = {}
+    emulator.resources["v1/services"] = {}  # and no Nodes to be read
+    async with emulator, kmock.Server(emulator) as server:
+        monkeypatch.setenv("MLSYSOPS_KUBE_API_URL", str(server.url))
+        monkeypatch.setenv("MLSYSOPS_FLUIDITY_NAMESPACE", NS)
+        monkeypatch.setenv("MLSYSOPS_FLUIDITY_REQUEST_TIMEOUT", "1")
+        try:
+            with pytest.raises(MechanismError) as caught:
+                await apply(DEPLOY_SERVER)
+            message = str(caught.value)
+            assert "refused, nothing was changed: the nodes cannot be checked: listing " \
+                   "Nodes failed: HTTP 404" in message
+            assert message.count("nothing was changed") == 1
+            assert (await status())["applications"] == {}
+            assert (await apply({"name": APP, "remove_app": True}))["changed"] is False
+        finally:
+            await fluidity._reset_client()
+            await emulator.stop()
 
 
 # --------------------------------------------------------------------------- status

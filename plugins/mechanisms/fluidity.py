@@ -716,7 +716,8 @@ class _Planner:
         try:
             await self.cluster.synced(nodes)
         except MechanismError as exc:
-            self.problems.append(f"the nodes cannot be checked: {exc}")
+            why = str(exc).removesuffix("; nothing was changed")
+            self.problems.append(f"the nodes cannot be checked: {why}")
             return
         load = self.cluster.node_load(self.app)
         for key, inst in self.instances.items():
@@ -897,31 +898,46 @@ async def _run(cluster: _Cluster, op: _Op, done: list[str]) -> None:
 
 
 async def _await_moves(cluster: _Cluster, moves: list[_Move], done: list[str]) -> None:
-    """Every moved instance ready within the ready timeout, else undo them and fail."""
+    """Every moved instance ready within the ready timeout, else undo them and fail.
+
+    If the wait itself is cancelled (the executor abandons the apply at its deadline, or
+    the plugin is unloaded), the new instances are removed too before giving up: the old
+    ones keep running.
+    """
     timeout = cluster.ready_timeout
     names = [m.deployment for m in moves]
-    if await cluster.deployments.wait(lambda items: all(_ready(items.get(n)) for n in names),
-                                      timeout):
+    try:
+        ready = await cluster.deployments.wait(
+            lambda items: all(_ready(items.get(n)) for n in names), timeout)
+    except asyncio.CancelledError:
+        await asyncio.shield(_undo(cluster, [m for m in moves if m.created]))
+        raise
+    if ready:
         return
     late = [m for m in moves if not _ready(cluster.deployments.items.get(m.deployment))]
     details = "; ".join(
         f"{m.component} from {m.src!r} to {m.target!r}: Deployment {m.deployment} had "
         f"{_readiness(cluster.deployments.items.get(m.deployment))} after {timeout:g}s"
         for m in late)
-    undone: list[str] = []
-    for move in late:
-        if move.created:
-            try:
-                await cluster.send(_Op("delete", "Deployment", move.deployment))
-                undone.append(move.deployment)
-            except Exception as exc:
-                logger.warning("could not remove the unready instance", error=_why(exc),
-                               deployment=move.deployment)
+    undone = await _undo(cluster, [m for m in late if m.created])
     removed = f"removed again: {', '.join(undone)}; " if undone else ""
     after = f"already done: {', '.join(done)}" if done else "nothing else was changed"
     raise MechanismError(
         f"move not finished, the new instance never became ready ({details}); {removed}"
         f"the old instance keeps running; {after}")
+
+
+async def _undo(cluster: _Cluster, moves: list[_Move]) -> list[str]:
+    """Delete the new instances of ``moves``; returns those deleted."""
+    undone = []
+    for move in moves:
+        try:
+            await cluster.send(_Op("delete", "Deployment", move.deployment))
+            undone.append(move.deployment)
+        except Exception as exc:
+            logger.warning("could not remove the new instance of an unfinished move",
+                           error=_why(exc), deployment=move.deployment)
+    return undone
 
 
 def _ready(dep: dict[str, Any] | None) -> bool:
