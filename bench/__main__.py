@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import codec, reaction, report, scaleout, scheduler
+from bench import codec, reaction, report, scaleout, scheduler, state
 from bench.common import ROOT, machine, versions
 from mlsysops import logs
 
-FIGURES = ("reaction", "scheduler", "scaleout", "codec")
+FIGURES = ("reaction", "scheduler", "scaleout", "codec", "state")
 
 
 class Sizes:
@@ -32,12 +32,14 @@ class Sizes:
             self.plans = 300
             self.scale_apps, self.scale_window = 20, 2.0
             self.codec_loops = 2_000
+            self.state_apps, self.state_loops = [100, 1_000], 200
         else:
             self.reaction = [(10, 200, 60.0), (100, 200, 80.0), (1000, 100, 180.0)]
             self.hops = 300
             self.plans = 3_000
             self.scale_apps, self.scale_window = 1000, 8.0
             self.codec_loops = 20_000
+            self.state_apps, self.state_loops = [1_000, 10_000], 2_000
 
 
 def progress(text: str) -> None:
@@ -118,6 +120,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if "codec_hop_us" not in results:
             hops = await _hop_only(sizes.hops)
             results["codec_hop_us"] = hops * 1000
+
+    if "state" in only:
+        progress("6. policy arguments at fleet size")
+        results["state"] = state.measure(sizes.state_apps, sizes.state_loops)
+        for r in results["state"]:
+            progress(f"  {r['apps']:,} apps: {r['new_ms'] * 1000:.1f} us per call "
+                     f"(copying: {r['old_ms']:.1f} ms); largest message "
+                     f"{r['largest_piece']:,} B (whole: {r['whole_bytes']:,} B)")
 
     results["duration_s"] = time.monotonic() - started
     results["load_after"] = list(os.getloadavg())

@@ -20,6 +20,8 @@ TARGETS = {
     "scaleout_speedup": 1.6,
     "idle_rss_mib": 80.0,
     "loaded_rss_mib": 150.0,
+    "state_call_ms": 1.0,
+    "state_message_kib": 256,
 }
 
 
@@ -81,6 +83,16 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "target": "each pair evaluated by exactly one replica per interval",
                 "value": "yes" if scale and scale["exactly_once"] else "no" if scale else "-",
                 "met": None if not scale else bool(scale["exactly_once"])})
+    rows = results.get("state") or []
+    biggest = max(rows, key=lambda r: r["apps"]) if rows else None
+    if biggest:
+        out.append({"figure": "6. policy arguments",
+                    "target": f"<= 1 ms per call at {biggest['apps']:,} apps",
+                    "value": f"{biggest['new_ms'] * 1000:.1f} us",
+                    "met": biggest["new_ms"] <= TARGETS["state_call_ms"]})
+        largest = max(biggest["largest_piece"], biggest["summary_bytes"])
+        out.append({"figure": "6. policy arguments", "target": "no message over 256 KiB",
+                    "value": f"largest {largest:,} B", "met": biggest["under_limit"]})
     foot = results.get("footprint")
     if foot:
         idle = max(s["idle_rss"] for s in foot["services"].values())
@@ -167,6 +179,8 @@ def render(results: dict[str, Any]) -> str:
                 f"| {_pct(cpu.get('scheduler'))} / {_pct(cpu.get('nats-server'))} |")
         lines += ["", "`distinct`: every plan its own conflict key (all scheduled); "
                   "`conflict`: one key (first scheduled, every later plan discarded).", ""]
+
+    lines += _state_table(results.get("state"))
 
     scale = results.get("scaleout")
     if scale:
@@ -258,3 +272,24 @@ def write(path: Path, results: dict[str, Any]) -> None:
             return
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(SKELETON.format(generated=generated))
+
+
+def _state_table(rows: list[dict[str, Any]] | None) -> list[str]:
+    if not rows:
+        return []
+    lines = [
+        "### 6. Policy arguments at fleet size (per analyze call)", "",
+        "A Fluidity-shaped status of N applications, two components each. Baseline, same "
+        "run: a deep copy of the whole status and of the description per call, and the "
+        "whole status as one message (the way before).", "",
+        "| apps | per call | baseline per call | ratio | allocated per call "
+        "| baseline allocated | largest message | baseline message |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        largest = max(r["largest_piece"], r["summary_bytes"])
+        lines.append(
+            f"| {r['apps']:,} | {r['new_ms'] * 1000:.1f} us | {_f(r['old_ms'], 2)} ms "
+            f"| {r['ratio']:.4f} | {_f(r['new_kib'])} KiB | {_f(r['old_kib'], 0)} KiB "
+            f"| {largest:,} B | {r['whole_bytes']:,} B |")
+    return [*lines, ""]

@@ -108,6 +108,15 @@ def test_each_pair_evaluated_by_exactly_one_replica_per_interval(quick: dict) ->
 
 
 @pytest.mark.timeout(300)
+def test_policy_arguments_at_fleet_size(quick: dict) -> None:
+    rows = {r["apps"]: r for r in quick["state"]}
+    assert set(rows) == {100, 1_000}
+    for r in rows.values():  # the application's part only: no message grows with the fleet
+        assert r["under_limit"] and r["largest_piece"] < 1024
+        assert r["whole_bytes"] > 100 * r["largest_piece"]
+        assert _finite(r["new_ms"]) and _finite(r["old_ms"])
+
+
 def test_codec_and_report(quick: dict) -> None:
     codec = {c["type"]: c for c in quick["codec"]}
     assert {"Telemetry (10 samples)", "Verdict", "Plan", "Decision (Event)", "ExecRequest",
@@ -117,9 +126,9 @@ def test_codec_and_report(quick: dict) -> None:
     assert quick["machine"]["cores"] and quick["versions"]["nats-server"] != "?"
     figures = {t["figure"] for t in quick["targets"]}
     assert figures == {"1. reaction latency", "2. scheduler throughput",
-                       "3. analyzer scale-out", "4. footprint"}
+                       "3. analyzer scale-out", "4. footprint", "6. policy arguments"}
     md = quick["_markdown"]
     for heading in ("### 1. Reaction latency", "### 2. Scheduler throughput",
                     "### 3. Analyzer scale-out", "### 4. Footprint", "### 5. Codec",
-                    "### Targets"):
+                    "### 6. Policy arguments", "### Targets"):
         assert heading in md, heading
