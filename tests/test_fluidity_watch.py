@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 import kmock
@@ -36,6 +38,7 @@ from tests.test_fluidity import (
 )
 
 APPS = 1000
+FLUIDITY = Path(__file__).resolve().parent.parent / "plugins" / "mechanisms" / "fluidity.py"
 
 
 @pytest.fixture(autouse=True)
@@ -189,3 +192,33 @@ async def test_commands_for_one_application_run_one_after_the_other(emu):
     (dep,) = objects(emu, "deployments").values()
     assert dep["metadata"]["name"] == "demo-app-server-app-node-b"
     assert dep["spec"]["replicas"] == 3
+
+
+async def test_an_executor_reporting_1000_applications_each_interval_lists_them_once(
+        emu, plugin_dirs, cfg, loop_):
+    """The executor itself, publishing Fluidity's status every 0.5 s (the tests' status
+    interval): over many intervals the API server receives one LIST of Deployments."""
+    from tests import loopkit as kit
+
+    for i in range(APPS):
+        app = f"app-{i:04d}"
+        emu.objects["apps/v1/deployments", NS, f"{app}-client-app-node-a"] = instance(
+            app, "node-a")
+    shutil.copy(FLUIDITY, plugin_dirs[1] / FLUIDITY.name)
+    events: list[dict[str, Any]] = []
+    nc = await kit.collect(cfg.nats_url, events, families=("status",))
+    loop_.start("executor")
+    try:
+        def reports() -> list[dict[str, Any]]:
+            return [e for e in list(events) if e["subject"] == "mlsysops.status.fluidity"
+                    and e.get("state") is not None]
+
+        await kit.wait_for(lambda: len(reports()) >= 6, timeout=30,
+                           what="six status reports of Fluidity")
+    finally:
+        await nc.close()
+    for report in reports():  # (how the executor stores the applications is its business)
+        assert report["error"] == "" and report["state"]["namespace"] == NS
+    assert lists(emu, "deployments") == 1
+    print(f"\n{len(reports())} status reports by the executor with {APPS} applications: "
+          f"{lists(emu, 'deployments')} LIST of Deployments")
