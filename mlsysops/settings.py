@@ -55,6 +55,8 @@ class Settings:
     telemetry_retention: float = _opt(3600.0, "how long telemetry history is kept", kind="duration")  # type: ignore[assignment]
     telemetry_history: int = _opt(60, "snapshots of history handed to policies")  # type: ignore[assignment]
     prometheus_url: str = _opt("", "Prometheus URL (empty: built-in host source)")  # type: ignore[assignment]
+    grafana_url: str = _opt(  # type: ignore[assignment]
+        "", "Grafana URL for upstream policies: telemetry['grafana_endpoint'] (empty: None)")
     status_interval: float = _opt(10.0, "period of mechanism get_status", kind="duration")  # type: ignore[assignment]
     dedup_window: float = _opt(  # type: ignore[assignment]
         600.0, "JetStream duplicate window of the loop streams", kind="duration")

@@ -370,14 +370,15 @@ def test_policies_in_many_threads_each_get_the_whole_dataframe() -> None:
     assert all(s == [float(i) for i in range(60)] for s in seen)
 
 
-def test_endpoints_come_from_the_settings(monkeypatch) -> None:
-    monkeypatch.delenv("MLSYSOPS_GRAFANA_URL", raising=False)
+def test_endpoints_come_from_the_settings() -> None:
     telemetry = _telemetry([], Settings(prometheus_url="http://prom:9090"))
     assert telemetry["prometheus_endpoint"] == "http://prom:9090"
     assert telemetry["grafana_endpoint"] is None
     assert _telemetry([])["prometheus_endpoint"] is None  # the built-in host source
-    monkeypatch.setenv("MLSYSOPS_GRAFANA_URL", "http://grafana:3000")
-    assert _telemetry([])["grafana_endpoint"] == "http://grafana:3000"
+    from mlsysops import settings as settings_mod
+
+    loaded = settings_mod.load(env={"MLSYSOPS_GRAFANA_URL": "http://grafana:3000"})
+    assert _telemetry([], loaded)["grafana_endpoint"] == "http://grafana:3000"
 
 
 def test_a_key_our_view_already_has_keeps_its_value() -> None:

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -49,7 +48,6 @@ if TYPE_CHECKING:
     from mlsysops.settings import Settings
 
 UPSTREAM_KEYS = ("prometheus_endpoint", "grafana_endpoint", "dataframe", "query")
-GRAFANA_ENV = "MLSYSOPS_GRAFANA_URL"  # until Settings has a grafana_url of its own
 _CACHE_SIZE = 8  # snapshot sets whose DataFrames are kept (calls begun before the newest)
 
 
@@ -71,8 +69,8 @@ def with_upstream_keys(view: dict[str, Any], snapshots: Callable[[], Sequence[wi
 
 
 def grafana_url(settings: Settings) -> str | None:
-    """``settings.grafana_url`` if Settings has it, else ``MLSYSOPS_GRAFANA_URL``; None if unset."""
-    return getattr(settings, "grafana_url", "") or os.environ.get(GRAFANA_ENV, "") or None
+    """``--grafana-url`` (``MLSYSOPS_GRAFANA_URL``); None if unset."""
+    return settings.grafana_url or None
 
 
 class _Pending:
