@@ -34,14 +34,15 @@ async def _connect(cfg: Settings) -> Bus:
     return bus
 
 
-async def _bucket(bus: Bus, role: str) -> dict[str, bytes]:
+async def _bucket(bus: Bus, role: str, skip: str = "\0") -> dict[str, bytes]:
+    """Every key of a bucket but those starting with ``skip``, with its value."""
     kv = bus.kv(role)
     out: dict[str, bytes] = {}
     try:
         keys = await kv.keys()
     except Exception:
         return out
-    for key in keys:
+    for key in (k for k in keys if not k.startswith(skip)):
         try:
             entry = await kv.get(key)
         except Exception:
@@ -53,9 +54,11 @@ async def _bucket(bus: Bus, role: str) -> dict[str, bytes]:
 
 # ---------------------------------------------------------------- status
 async def collect_status(bus: Bus) -> dict[str, Any]:
-    desc, ctx, status, sched, leases, ledger = await asyncio.gather(*(_bucket(bus, r) for r in (
-        subjects.BUCKET_DESC, subjects.BUCKET_CONTEXT, subjects.BUCKET_STATUS,
-        subjects.BUCKET_SCHED, subjects.BUCKET_LEASES, subjects.BUCKET_LEDGER)))
+    desc, ctx, status, sched, leases, ledger = await asyncio.gather(
+        _bucket(bus, subjects.BUCKET_DESC), _bucket(bus, subjects.BUCKET_CONTEXT),
+        _bucket(bus, subjects.BUCKET_STATUS, skip="mechapp."),  # per-app parts: not shown
+        _bucket(bus, subjects.BUCKET_SCHED), _bucket(bus, subjects.BUCKET_LEASES),
+        _bucket(bus, subjects.BUCKET_LEDGER))
     out: dict[str, Any] = {"apps": [], "clusters": [], "nodes": [], "policies": {},
                            "pairs": [], "mechanisms": {}, "claims": [], "services": [],
                            "telemetry": None, "leader": None, "set_aside": []}
@@ -142,6 +145,7 @@ def render_status(d: dict[str, Any]) -> str:
     lines.append("mechanisms:")
     for name, m in sorted(d["mechanisms"].items()):
         err = f" error: {m['error']}" if m.get("error") else ""
+        err += f" not stored: {m['store_error']}" if m.get("store_error") else ""
         lines.append(f"  {name:<24} state={json.dumps(m['state'])[:100]}{err}")
     lines.append("claims:")
     for c in d["claims"]:
