@@ -365,6 +365,34 @@ async def test_deleting_a_description_removes_that_app_through_the_cleanup_polic
     assert set(services(emu)) == {"shop-web"}
 
 
+@pytest.mark.slow
+async def test_applications_deleted_together_are_all_removed_one_per_second(
+        emu, plugin_dirs, cfg, loop_) -> None:
+    install(plugin_dirs, "staticPlacement", "appCleanup")
+    loop_.start()
+    events: list[dict[str, Any]] = []
+    nc = await kit.collect(cfg.nats_url, events)
+    shops = [f"shop-{i}" for i in range(4)]
+    try:
+        await publish_examples(cfg.nats_url)
+        for name in shops:
+            await publish_ok(cfg.nats_url, "app", name, other_app(name))
+        everything = {WEB} | {f"{name}-web-node-a" for name in shops}
+        await kit.wait_for(lambda: set(deployments(emu)) == everything, what="all deployed")
+        for name in shops:
+            await kit.publish_desc(cfg.nats_url, "app", name, b"")
+        deleted_at = time.time()
+        await kit.wait_for(lambda: set(deployments(emu)) == {WEB}, timeout=20,
+                           what="the deleted applications' objects removed")
+        took = time.time() - deleted_at
+    finally:
+        await nc.close()
+    plans = of(events, "mlsysops.plan._global.appCleanup")
+    assert sorted(p["commands"]["fluidity"]["name"] for p in plans) == shops  # each once
+    assert set(services(emu)) == {"demo-app-web"}
+    print(f"\n{len(shops)} applications deleted together: all removed {took:.1f} s later")
+
+
 async def test_deleting_the_last_description_removes_the_app_through_the_cleanup_policy(
         emu, plugin_dirs, cfg, loop_) -> None:
     install(plugin_dirs, "staticPlacement", "appCleanup")
