@@ -6,7 +6,6 @@ last test plays the policies' plans through Fluidity against kmock's Kubernetes 
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import importlib.util
 import json
@@ -22,6 +21,7 @@ import yaml
 
 from mlsysops.plugin_api import descriptions, get_logger
 from mlsysops.policies import policy_settings
+from tests.test_fluidity import make_emulator, node
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ROOT / "plugins" / "policies"
@@ -328,25 +328,24 @@ def test_cleanup_without_a_fluidity_report_does_nothing(clock, monkeypatch):
 async def test_the_plans_run_through_fluidity(clock, monkeypatch):
     """Static placement, relocation, spec change and cleanup, applied to the emulator."""
     fluidity = load(ROOT / "plugins" / "mechanisms" / "fluidity.py")
-    emulator = kmock.KubernetesEmulator()
-    emulator.resources["apps/v1/deployments"] = {}
-    emulator.resources["v1/services"] = {}
+    emulator = make_emulator(*(node(name) for name in NODES))  # Fluidity checks the Nodes
+    emulator.auto_ready = True  # as the Deployment controller: a move waits for readiness
     descriptions.set("app", APP, copy.deepcopy(APP_SPEC))
     descriptions.set("cluster", CLUSTER_SPEC["cluster_id"], CLUSTER_SPEC)
 
     async def run(module: Any, context: dict[str, Any], apps: Any = None) -> dict[str, Any]:
         """One analysis (and plan, and apply) with Fluidity's live status."""
-        mechanisms = {"fluidity": {"state": await asyncio.to_thread(fluidity.get_status),
+        mechanisms = {"fluidity": {"state": await fluidity.get_status(),
                                    "options": fluidity.get_options()}}
         wanted, context = call(module, "analyze", context, apps, mechanisms)
         if wanted:
             plan, context = call(module, "plan", context, apps, mechanisms)
             if plan:
-                await asyncio.to_thread(fluidity.apply, plan["fluidity"])
+                await fluidity.apply(plan["fluidity"])
         return context
 
     async def placement() -> dict[str, Any]:
-        status = await asyncio.to_thread(fluidity.get_status)
+        status = await fluidity.get_status()
         return {
             app: {comp: sorted(i["host"] for i in inst) for comp, inst in comps.items()}
             for app, comps in status["applications"].items()
@@ -370,7 +369,7 @@ async def test_the_plans_run_through_fluidity(clock, monkeypatch):
             contexts[relocate] = await run(relocate, contexts[relocate])
             assert (await placement())[APP][FREE[0]] == [NODES[1]]
             for obj in emulator.objects.values():
-                if not obj.deleted:
+                if not obj.deleted and obj["kind"] != "Node":
                     kubernetes_validate.validate(obj.raw, "1.30", strict=True)
 
             contexts[change] = await run(change, contexts[change])  # runtime class "crun"
@@ -387,7 +386,10 @@ async def test_the_plans_run_through_fluidity(clock, monkeypatch):
                 contexts[cleanup] = await run(cleanup, contexts[cleanup], apps=[])
                 clock.now += 31
             assert await placement() == {}
-            assert not [o for o in emulator.objects.values() if not o.deleted]
+            assert not [o for o in emulator.objects.values()
+                        if not o.deleted and o["kind"] != "Node"]
+            await fluidity._reset_client()
     finally:
-        fluidity._reset_client()
+        await fluidity._reset_client()
+        await emulator.stop()
         descriptions.clear()

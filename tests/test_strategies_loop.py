@@ -26,6 +26,7 @@ import yaml
 
 from mlsysops import wire
 from tests import loopkit as kit
+from tests.test_fluidity import make_emulator, node
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ROOT / "plugins" / "optional"
@@ -57,13 +58,18 @@ def install(plugin_dirs: tuple[Path, Path], *policies: str) -> None:
 
 @pytest.fixture
 async def emu(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Any]:
-    emulator = kmock.KubernetesEmulator()
-    emulator.resources["apps/v1/deployments"] = {}
-    emulator.resources["v1/services"] = {}
+    # The Nodes of setup_cluster (Fluidity checks a node before placing on it), and
+    # Deployments that report ready shortly after each write (a move waits for it).
+    emulator = make_emulator(node("n1", cpu="8", memory="16Gi"),
+                             node("n2", cpu="8", memory="16Gi"))
+    emulator.auto_ready = True
     async with emulator, kmock.Server(emulator) as server:
         monkeypatch.setenv("MLSYSOPS_KUBE_API_URL", str(server.url))
         monkeypatch.setenv("MLSYSOPS_FLUIDITY_NAMESPACE", NS)
-        yield emulator
+        try:
+            yield emulator
+        finally:
+            await emulator.stop()
 
 
 def deployments(emu: Any) -> dict[str, dict[str, Any]]:
