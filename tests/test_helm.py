@@ -44,10 +44,13 @@ POLICY_USERS = ("monitor", "analyzer", "planner")
 MECHANISM_USERS = ("scheduler", "executor")
 FULLNAME = f"{RELEASE}-mlsysops"
 EXECUTOR_SA = f"{FULLNAME}-executor"
-# What the Fluidity mechanism does in its namespace (plugins/mechanisms/fluidity.py): create,
-# patch, delete and list Deployments and Services, and read one when a create collides.
-FLUIDITY_VERBS = {"create", "delete", "get", "list", "patch"}
+# What the Fluidity mechanism does in its namespace (plugins/mechanisms/fluidity.py): list
+# then watch Deployments and Services (its informer), get a name before creating it,
+# server-side apply (a patch, authorized as create too when it creates), delete.
+FLUIDITY_VERBS = {"create", "delete", "get", "list", "patch", "watch"}
 FLUIDITY_RULES = {("apps", "deployments"): FLUIDITY_VERBS, ("", "services"): FLUIDITY_VERBS}
+# And cluster-wide, read-only: the Nodes it checks before placing (a ClusterRole of its own).
+NODE_RULES = {("", "nodes"): {"get", "list", "watch"}}
 # Kinds kubernetes-validate has no schema for; each gets an explicit check below.
 NOT_IN_KUBE_SCHEMAS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "Pod")
@@ -427,9 +430,38 @@ def rules_of(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
     return out
 
 
+def nodes_role_of(rendered: Rendered) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The ClusterRole reading Nodes and its binding (checked), by the chart's name."""
+    name = f"{NAMESPACE}-{FULLNAME}-executor-nodes"
+    role = rendered.get("ClusterRole", name)
+    binding = rendered.get("ClusterRoleBinding", name)
+    assert "namespace" not in role["metadata"] and "namespace" not in binding["metadata"]
+    assert rules_of(role) == NODE_RULES
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io",
+                                  "kind": "ClusterRole", "name": name}
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": EXECUTOR_SA, "namespace": NAMESPACE}]
+    for obj in (role, binding):
+        assert obj["metadata"]["labels"]["app.kubernetes.io/component"] == "executor"
+    return role, binding
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_executor_may_read_nodes_only(chart: helm_python.Chart, scenario: str) -> None:
+    """Nodes are cluster-scoped: a ClusterRole of their own, get/list/watch on nodes only,
+    bound to the executor's account, whether or not the other rules are cluster-wide."""
+    rendered = render(chart, ci_values(scenario))
+    nodes_role_of(rendered)
+    for role in rendered.of_kind("Role") + rendered.of_kind("ClusterRole"):
+        rules = rules_of(role)  # no other role mentions Nodes, this one nothing else
+        assert (("", "nodes") in rules) == (rules == NODE_RULES), role["metadata"]["name"]
+
+
 def test_executor_role_is_exactly_what_fluidity_needs(chart: helm_python.Chart) -> None:
     rendered = render(chart)
-    assert rendered.of_kind("ClusterRole") == [] and rendered.of_kind("ClusterRoleBinding") == []
+    nodes_role, nodes_binding = nodes_role_of(rendered)
+    assert rendered.of_kind("ClusterRole") == [nodes_role]
+    assert rendered.of_kind("ClusterRoleBinding") == [nodes_binding]
     (role,) = rendered.of_kind("Role")
     (binding,) = rendered.of_kind("RoleBinding")
     assert rules_of(role) == FLUIDITY_RULES
@@ -448,6 +480,7 @@ def test_executor_role_lives_in_the_fluidity_namespace(chart: helm_python.Chart)
     assert binding["subjects"][0]["namespace"] == NAMESPACE
     assert NAMESPACE in role["metadata"]["name"]  # unique per release in a shared namespace
     assert rules_of(role) == FLUIDITY_RULES
+    nodes_role_of(rendered)  # Nodes are not in the Fluidity namespace: cluster-wide
     for component in MECHANISM_USERS:
         container = rendered.deployment(component)["spec"]["template"]["spec"]["containers"][0]
         assert env_of(container)["MLSYSOPS_FLUIDITY_NAMESPACE"]["value"] == "workloads"
@@ -456,12 +489,14 @@ def test_executor_role_lives_in_the_fluidity_namespace(chart: helm_python.Chart)
 def test_cluster_wide_rbac_when_configured(chart: helm_python.Chart) -> None:
     rendered = render(chart, ci_values("cluster-wide-rbac-values.yaml"))
     assert rendered.of_kind("Role") == [] and rendered.of_kind("RoleBinding") == []
-    (role,) = rendered.of_kind("ClusterRole")
-    (binding,) = rendered.of_kind("ClusterRoleBinding")
-    assert NAMESPACE in role["metadata"]["name"]  # cluster-scoped: unique per release
+    nodes_role, nodes_binding = nodes_role_of(rendered)  # kept separate, the same
+    (role,) = [r for r in rendered.of_kind("ClusterRole") if r is not nodes_role]
+    (binding,) = [b for b in rendered.of_kind("ClusterRoleBinding") if b is not nodes_binding]
+    assert role["metadata"]["name"] == f"{NAMESPACE}-{FULLNAME}-executor"
     assert "namespace" not in role["metadata"]
     assert rules_of(role) == {**FLUIDITY_RULES, ("", "configmaps"): {"get", "list"}}
-    assert binding["roleRef"]["kind"] == "ClusterRole"
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io",
+                                  "kind": "ClusterRole", "name": role["metadata"]["name"]}
     # with serviceAccount.create=false the others use "default", still without a token
     for component in ("monitor", "analyzer", "planner", "scheduler"):
         pod = rendered.deployment(component)["spec"]["template"]["spec"]

@@ -107,7 +107,8 @@ no Kubernetes permissions and no token. */}}
 {{- end -}}
 {{- end }}
 
-{{/* Service account of the executor, the only one bound to a Role. */}}
+{{/* Service account of the executor, the only one bound to a Role (and to the
+ClusterRole that reads Nodes). */}}
 {{- define "mlsysops.executorServiceAccountName" -}}
 {{- $sa := .Values.executor.serviceAccount -}}
 {{- if $sa.create -}}
@@ -131,6 +132,13 @@ carries the release namespace, so that releases of the same name do not collide.
 {{- else -}}
 {{- printf "%s-executor" (include "mlsysops.fullname" .) -}}
 {{- end -}}
+{{- end }}
+
+{{/* Name of the executor's ClusterRole and ClusterRoleBinding for reading Nodes
+(cluster-scoped, so a Role cannot grant them). Always carries the release namespace, so
+that releases of the same name in different namespaces do not collide. */}}
+{{- define "mlsysops.executorNodesRoleName" -}}
+{{- printf "%s-%s-executor-nodes" .Release.Namespace (include "mlsysops.fullname" .) -}}
 {{- end }}
 
 {{/* NATS URL(s) the services connect to. */}}
