@@ -66,7 +66,8 @@ class Analyzer:
         self._apps_changed = True
         self.state.telemetry_listeners.append(self._on_telemetry)
         self.state.app_listeners.append(lambda app, value: self._changed(apps=True))
-        self.host.listeners.append(lambda name: self._changed())
+        self._reloaded: set[str] = set()  # policies whose pairs are due at once
+        self.host.listeners.append(self._policy_changed)
 
     def tasks(self) -> list[Any]:
         return [*self.state.tasks(), self.contexts.run(), self.members.run(), self.host.watch(),
@@ -144,6 +145,12 @@ class Analyzer:
         self._apps_changed = self._apps_changed or apps
         self._wake.set()
 
+    def _policy_changed(self, name: str) -> None:
+        """A policy (re)loaded: its pairs are due now, so that an interval edited in the
+        file applies at once (an evaluation too soon after the last is skipped)."""
+        self._reloaded.add(name)
+        self._changed()
+
     def pairs(self) -> dict[Pair, Policy]:
         if self._pairs is None:
             self._pairs = self._compute_pairs()
@@ -188,6 +195,11 @@ class Analyzer:
             now = time.monotonic()
             for pair in pairs.keys() - self._due.keys():
                 self._schedule(pair, now)
+            if self._reloaded:
+                for pair in [p for p in pairs if p[0] in self._reloaded]:
+                    self._due.pop(pair, None)
+                    self._schedule(pair, now)
+                self._reloaded.clear()
             while self._heap and self._heap[0][0] <= now:
                 at, pair = heapq.heappop(self._heap)
                 if self._due.get(pair) != at:
@@ -239,9 +251,10 @@ class Analyzer:
     def interval(self, policy: Policy, app: str) -> float:
         """The pair's analysis interval: ``configuration.analyze_interval`` of its live
         context (a policy may change it from ``analyze``, as upstream policies do), else
-        the one ``initialize()`` gave."""
+        the one ``initialize()`` gave. A context made by another version of the policy
+        file counts with the loaded version's interval (see :func:`_configured`)."""
         record = self.contexts.value(wire.context_key(policy.name, app))
-        if record is None:
+        if record is None or record.policy_digest != policy.plugin.digest:
             return policy.settings.interval
         return interval_of(record.context, policy.settings.interval)
 
@@ -287,7 +300,7 @@ class Analyzer:
             return
         if not forced and wire.now() < record.last_eval + self.interval(policy, app) * 0.5:
             return  # another replica evaluated this pair within this interval
-        outcome = await self._analyze(policy, app, record.context)
+        outcome = await self._analyze(policy, app, _configured(policy, record))
         if outcome is None:
             return
         verdict_flag, context = outcome
@@ -409,6 +422,19 @@ class Analyzer:
         await self.bus.publish(self.bus.subjects.verdict(app, policy.name), verdict,
                                msg_id=verdict.verdict_id)
         return {"accepted": True, "verdict_id": verdict.verdict_id}
+
+
+def _configured(policy: Policy, record: wire.ContextRecord) -> dict[str, Any]:
+    """The context ``analyze`` gets: a context kept from another version of the policy
+    file takes the interval the loaded version's ``initialize()`` sets (editing the
+    interval in the file must take effect); the rest of the context is kept."""
+    context = record.context
+    interval = (policy.initial.get("configuration") or {}).get("analyze_interval")
+    config = context.get("configuration")
+    if (interval is None or record.policy_digest in ("", policy.plugin.digest)
+            or not isinstance(config, dict) or config.get("analyze_interval") == interval):
+        return context
+    return {**context, "configuration": {**config, "analyze_interval": interval}}
 
 
 def _score(pair: Pair, member: str) -> bytes:

@@ -5,12 +5,18 @@ once. Deleting a description removes nothing by itself; this policy notices the
 difference between what Fluidity reports it runs and what is described, and plans the
 removal explicitly, so that it is recorded, scheduled and executed like any other plan.
 
-An application must stay undescribed for ``grace_period`` before it is removed, so that
-a description being replaced, or a service that has not read the descriptions yet,
-never costs a running application.
+An application must stay undescribed for ``grace_period`` (5 s) before it is removed.
+The grace is there for two things that are quick: a description being replaced (deleted
+and published again, say by a script), and an analyzer replica that has not read the
+newest descriptions yet (its KV watch lags the others by milliseconds) seeing an
+application Fluidity already runs. Neither needs a minute; a removal is prompt: about
+the grace plus one analysis interval (1 s) after the deletion.
 
 A plan holds one command per mechanism, so each plan removes one application; the next
-analysis finds the next one.
+analysis (a second later) finds the next one. Fluidity's reported state lags by up to
+the executor's status interval, so an application whose removal was planned is not
+planned again for ``retry_after`` (30 s), and is planned again after that if Fluidity
+still reports it (the removal failed).
 """
 
 import re
@@ -26,9 +32,11 @@ def initialize():
         "scope": "global",
         "core": False,
         "mechanisms": ["fluidity"],
-        "configuration": {"analyze_interval": "30s"},
-        "grace_period": "60s",
+        "configuration": {"analyze_interval": "1s"},
+        "grace_period": "5s",
+        "retry_after": "30s",
         "missing_since": {},  # application -> when it was first seen undescribed
+        "requested": {},  # application -> when its removal was planned
         "orphans": [],  # applications to remove
     }
 
@@ -47,9 +55,15 @@ def analyze(context, application_description, system_description, mechanisms, te
     known = context.get("missing_since", {})
     # Keep the first time each undescribed application was seen; forget the others.
     since = {app: known.get(app, now) for app in _undescribed(application_description, mechanisms)}
-    grace = parse_interval(context.get("grace_period", "60s"))
+    grace = parse_interval(context.get("grace_period", "5s"))
+    retry = parse_interval(context.get("retry_after", "30s"))
+    # Forget planned removals of applications gone from Fluidity's report, or long ago.
+    requested = {app: at for app, at in (context.get("requested") or {}).items()
+                 if app in since and now - at < retry}
     context["missing_since"] = since
-    context["orphans"] = sorted(app for app, first in since.items() if now - first >= grace)
+    context["requested"] = requested
+    context["orphans"] = sorted(app for app, first in since.items()
+                                if now - first >= grace and app not in requested)
     return bool(context["orphans"]), context
 
 
@@ -61,6 +75,7 @@ def plan(context, application_description, system_description, mechanisms, telem
     if not orphans:
         return {}, context
     logger.info("removing an application without description", app=orphans[0])
+    context.setdefault("requested", {})[orphans[0]] = time.time()
     return {"fluidity": {"name": orphans[0], "remove_app": True}}, context
 
 
