@@ -83,16 +83,6 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "target": "each pair evaluated by exactly one replica per interval",
                 "value": "yes" if scale and scale["exactly_once"] else "no" if scale else "-",
                 "met": None if not scale else bool(scale["exactly_once"])})
-    rows = results.get("state") or []
-    biggest = max(rows, key=lambda r: r["apps"]) if rows else None
-    if biggest:
-        out.append({"figure": "6. policy arguments",
-                    "target": f"<= 1 ms per call at {biggest['apps']:,} apps",
-                    "value": f"{biggest['new_ms'] * 1000:.1f} us",
-                    "met": biggest["new_ms"] <= TARGETS["state_call_ms"]})
-        largest = max(biggest["largest_piece"], biggest["summary_bytes"])
-        out.append({"figure": "6. policy arguments", "target": "no message over 256 KiB",
-                    "value": f"largest {largest:,} B", "met": biggest["under_limit"]})
     foot = results.get("footprint")
     if foot:
         idle = max(s["idle_rss"] for s in foot["services"].values())
@@ -104,6 +94,16 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                     "target": "<= 150 MiB RSS per service at 1,000 apps",
                     "value": f"max {loaded:.1f} MiB (at {foot['apps']} apps)",
                     "met": (loaded <= TARGETS["loaded_rss_mib"]) if full else None})
+    rows = results.get("state") or []
+    biggest = max(rows, key=lambda r: r["apps"]) if rows else None
+    if biggest:
+        out.append({"figure": "6. policy arguments",
+                    "target": f"<= 1 ms per call at {biggest['apps']:,} apps",
+                    "value": f"{biggest['new_ms'] * 1000:.1f} us",
+                    "met": biggest["new_ms"] <= TARGETS["state_call_ms"]})
+        largest = max(biggest["largest_piece"], biggest["summary_bytes"])
+        out.append({"figure": "6. policy arguments", "target": "no message over 256 KiB",
+                    "value": f"largest {largest:,} B", "met": biggest["under_limit"]})
     return out
 
 
@@ -180,8 +180,6 @@ def render(results: dict[str, Any]) -> str:
         lines += ["", "`distinct`: every plan its own conflict key (all scheduled); "
                   "`conflict`: one key (first scheduled, every later plan discarded).", ""]
 
-    lines += _state_table(results.get("state"))
-
     scale = results.get("scaleout")
     if scale:
         sat, below, join = (scale["saturated_check"], scale["below_capacity_check"],
@@ -249,6 +247,7 @@ def render(results: dict[str, Any]) -> str:
                          f"| {c['stdlib_ns'] / 1000:.2f} | {c['stdlib_ns'] / c['ns']:.1f} x "
                          f"| {share} |")
         lines.append("")
+    lines += _state_table(results.get("state"))
     lines.append(END)
     return "\n".join(lines)
 
