@@ -100,8 +100,8 @@ async def test_descriptions_and_telemetry_survive_a_monitor_killed(process_loop,
     figures: dict[str, Any] = {}
     published: list[tuple[str, int]] = []
     try:
-        status = await kit.wait_for(lambda: _status(url), timeout=20, what="a collector")
-        for round_, how in ((1, "kill -9"), (2, "graceful stop")):
+        await kit.wait_for(lambda: _status(url), timeout=20, what="a collector")
+        for how in ("kill -9", "graceful stop"):
             collector = await kit.wait_for(lambda: _collector(url), timeout=20,
                                            what="a collecting replica")
             other = next(k for k, v in REPLICAS.items() if k != collector)
@@ -141,7 +141,6 @@ async def test_descriptions_and_telemetry_survive_a_monitor_killed(process_loop,
         assert all(o.accepted for o in watch.outcomes.values())
         figures["publications"] = len(published)
         figures["outcomes announced"] = len(watch.outcomes)
-        del status
     finally:
         await watcher.close()
         await nc.close()
