@@ -1,8 +1,8 @@
 """The connection to NATS JetStream and the state layout every service shares.
 
-A :class:`Bus` connects with the authentication and TLS settings, creates the streams and
-KV buckets idempotently (whichever service starts first creates them; identical configs
-make a second creation a no-op), and offers the few operations the services need:
+A :class:`Bus` connects with the authentication and TLS settings, binds to the streams and
+KV buckets (creating what is missing, never changing what exists: see
+:mod:`mlsysops.layout`), and offers the few operations the services need:
 publishing with a de-duplication id, reporting errors, and KV caches kept current by a
 watch.
 """
@@ -24,14 +24,12 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
-from mlsysops import logs, permissions, subjects, wire
+from mlsysops import layout, logs, permissions, subjects, wire
 from mlsysops.errors import PermanentError
 from mlsysops.settings import Settings, redact_url
 
 log = logs.get(__name__)
 T = TypeVar("T")
-
-_STREAM_EXISTS = 10058  # "stream name already in use with a different configuration"
 
 
 def instance_name(settings: Settings) -> str:
@@ -95,6 +93,7 @@ class Bus:
         self.nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._kv: dict[str, KeyValue] = {}
+        self.changes: list[layout.Change] = []  # what connect() created, changed or found
         self.connected = asyncio.Event()
         self._refused = asyncio.Event()
         self._closing = False
@@ -105,8 +104,10 @@ class Bus:
         return self._js
 
     # ----------------------------------------------------------------- connection
-    async def connect(self) -> None:
-        """Connect (retrying until the server answers), then create streams and buckets."""
+    async def connect(self, mode: layout.Mode = "service") -> None:
+        """Connect (retrying until the server answers), then bind to the layout: create
+        what is missing (``service``), also change what differs (``init``), or neither
+        (``read``: a layout of nothing raises :class:`~mlsysops.layout.NoControlPlane`)."""
         opts = connect_options(self.settings)
         async for attempt in AsyncRetrying(
             wait=wait_exponential(multiplier=0.2, max=5),
@@ -118,7 +119,7 @@ class Bus:
         assert self.nc is not None
         self._js = self.nc.jetstream(timeout=10)
         await permissions.check(self.nc, self.service, self.settings.prefix)
-        await self.ensure()
+        self.changes = await self.ensure(mode)
         self.connected.set()
         log.info("connected", servers=[redact_url(u) for u in opts["servers"]],
                  instance=self.instance)
@@ -178,68 +179,17 @@ class Bus:
         return self.nc is not None and self.nc.is_connected
 
     # ----------------------------------------------------------------- layout
-    async def ensure(self) -> None:
-        """Create every stream and bucket if absent; update a stream whose config drifted."""
-        s = self.settings
-        storage = api.StorageType.FILE if s.storage == "file" else api.StorageType.MEMORY
-        ages = {"telemetry": s.telemetry_retention}
-        for family, families in subjects.STREAM_FAMILIES.items():
-            cfg = api.StreamConfig(
-                name=self.subjects.stream(family),
-                subjects=[self.subjects.wildcard(f) for f in families],
-                storage=storage,
-                retention=api.RetentionPolicy.LIMITS,
-                max_age=ages.get(family, 7 * 86400.0),
-                duplicate_window=min(s.dedup_window, ages.get(family, s.dedup_window)),
-                max_msg_size=max(s.max_payload * 2, 1_048_576),
-                allow_direct=True,
-            )
-            await self._ensure_stream(cfg)
-        await self._ensure_stream(self._intake_config(storage))
-        for role, history, ttl in (
-            (subjects.BUCKET_DESC, 5, None),
-            (subjects.BUCKET_CONTEXT, 1, None),
-            (subjects.BUCKET_SCHED, 1, None),
-            (subjects.BUCKET_LEDGER, 1, 7 * 86400.0),
-            (subjects.BUCKET_STATUS, 1, None),
-            (subjects.BUCKET_LEASES, 1, None),
-        ):
-            self._kv[role] = await self._ensure_bucket(role, history, ttl, storage)
-
-    def _intake_config(self, storage: api.StorageType) -> api.StreamConfig:
-        """Descriptions as published, kept until a monitor has taken them in.
-
-        A work queue (a message goes once it is acked) capturing the description
-        subjects themselves, so a description published while no monitor runs is taken in
-        when one comes up. ``no_ack``: the stream never answers a publication, so a
-        request's reply is the monitor's verdict, not a JetStream acknowledgement.
-        """
-        return api.StreamConfig(
-            name=self.subjects.stream(subjects.INTAKE_FAMILY), subjects=[self.subjects.desc_all],
-            storage=storage, retention=api.RetentionPolicy.WORK_QUEUE, no_ack=True,
-            max_age=7 * 86400.0, max_msg_size=max(self.settings.max_payload * 2, 1_048_576),
-            allow_direct=True)
-
-    async def _ensure_stream(self, cfg: api.StreamConfig) -> None:
-        try:
-            await self.js.add_stream(cfg)
-        except jserr.BadRequestError as exc:
-            if exc.err_code != _STREAM_EXISTS:
-                raise
-            await self.js.update_stream(cfg)
-
-    async def _ensure_bucket(
-        self, role: str, history: int, ttl: float | None, storage: api.StorageType
-    ) -> KeyValue:
-        name = self.subjects.bucket(role)
-        try:
-            return await self.js.create_key_value(
-                bucket=name, history=history, ttl=ttl, storage=storage
-            )
-        except jserr.BadRequestError as exc:
-            if exc.err_code != _STREAM_EXISTS:
-                raise
-            return await self.js.key_value(name)
+    async def ensure(self, mode: layout.Mode = "service") -> list[layout.Change]:
+        """Bind to the streams and buckets (see :mod:`mlsysops.layout` for what ``mode``
+        may create or change) and return what was created, changed or differs."""
+        changes = await layout.reconcile(self.js, self.settings, mode)
+        for role, cfg in layout.buckets(self.settings):
+            try:
+                self._kv[role] = await self.js.key_value(cfg.bucket or "")
+            except jserr.BucketNotFoundError:
+                if mode != "read":
+                    raise
+        return changes
 
     def kv(self, role: str) -> KeyValue:
         return self._kv[role]

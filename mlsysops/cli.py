@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--publish", action="append", default=[], metavar="PATH",
                     help="publish the descriptions in PATH (file or directory) once running")
 
+    _command(sub, "init", "create or change the streams and buckets to the settings, "
+             "reporting each difference", cmd_init)
+
     pub = _command(sub, "publish", "publish a description", cmd_publish)
     pub.add_argument("kind", choices=[*sorted(NAME_FIELDS), "energy"])
     pub.add_argument("file", help="YAML or JSON description ('-' for stdin)")
@@ -104,6 +107,34 @@ def _inspect(what: str) -> Any:
         return asyncio.run(getattr(inspect_mod, what)(args, cfg))
 
     return handler
+
+
+# ---------------------------------------------------------------- the layout
+def cmd_init(args: argparse.Namespace, cfg: settings_mod.Settings) -> int:
+    """Create the layout, or change it to the settings; print each change."""
+    return asyncio.run(init(cfg, as_json=args.json))
+
+
+async def init(cfg: settings_mod.Settings, *, as_json: bool = False) -> int:
+    from mlsysops.bus import Bus
+
+    bus = Bus(cfg, "init")
+    try:
+        await asyncio.wait_for(bus.connect(mode="init"), 30)
+    except TimeoutError:
+        raise BadInput(f"cannot connect to NATS at {settings_mod.redact_url(cfg.nats_url)} "
+                       "within 30 s") from None
+    finally:
+        await bus.close()
+    if as_json:
+        print(json.dumps([{"name": c.name, "action": c.action, "fields": {
+            k: list(v) for k, v in c.fields.items()}} for c in bus.changes], default=str))
+    else:
+        for change in bus.changes:
+            print(change)
+        print(f"layout under prefix {cfg.prefix!r}: " + (
+            f"{len(bus.changes)} change(s)" if bus.changes else "as the settings say"))
+    return 1 if any(c.action == "cannot change" for c in bus.changes) else 0
 
 
 # ---------------------------------------------------------------- publishing

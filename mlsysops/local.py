@@ -8,6 +8,7 @@ a local directory) unless a NATS URL is configured, then one process per service
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import shutil
 import signal
@@ -114,6 +115,11 @@ def cmd_up(args: argparse.Namespace, cfg: settings_mod.Settings) -> int:
         del env["MLSYSOPS_HTTP_PORT"]  # each service on its own default port
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(settings_mod.ROOT),
                                                       env.get("PYTHONPATH", "")]))
+    from mlsysops.cli import init
+
+    if asyncio.run(init(cfg)) != 0:  # the layout first: services only bind to it
+        print("mlsysops: the layout could not be brought to the settings (see above)",
+              file=sys.stderr)
     supervisor = Supervisor(env, replicas)
     supervisor.start()
     print(f"mlsysops: loop running on {settings_mod.redact_url(cfg.nats_url)} "

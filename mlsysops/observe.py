@@ -27,7 +27,7 @@ from mlsysops.settings import Settings, redact_url
 async def _connect(cfg: Settings) -> Bus:
     bus = Bus(cfg, "cli")
     try:
-        await asyncio.wait_for(bus.connect(), 10)
+        await asyncio.wait_for(bus.connect(mode="read"), 10)
     except TimeoutError:
         url = redact_url(cfg.nats_url)
         raise BadInput(f"cannot connect to NATS at {url} within 10 s") from None

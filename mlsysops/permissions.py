@@ -70,9 +70,10 @@ def needs(service: str, prefix: str) -> list[Need]:
 
     s = Subjects(prefix)
     buckets = [s.bucket(b) for b in ("desc", "context", "sched", "ledger", "status", "leases")]
-    layout = [Need("publish", f"$JS.API.STREAM.CREATE.{name}", "to create the streams")
-              for name in [s.stream(f) for f in (*STREAM_FAMILIES, INTAKE_FAMILY)]
-              + [f"KV_{b}" for b in buckets]]
+    names = [s.stream(f) for f in (*STREAM_FAMILIES, INTAKE_FAMILY)] + [f"KV_{b}" for b in buckets]
+    layout = [Need("publish", f"$JS.API.STREAM.{op}.{name}", why) for name in names
+              for op, why in (("CREATE", "to create a missing stream"),
+                              ("INFO", "to bind to the streams"))]
 
     def watch(*roles: str) -> list[Need]:
         return [Need("publish", f"$JS.API.CONSUMER.CREATE.KV_{s.bucket(r)}", f"to watch {r}")

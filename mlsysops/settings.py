@@ -62,6 +62,15 @@ class Settings:
         600.0, "JetStream duplicate window of the loop streams", kind="duration")
     max_payload: int = _opt(1_048_576, "largest description accepted, in bytes")  # type: ignore[assignment]
     storage: str = _opt("file", "JetStream storage of streams: file or memory")  # type: ignore[assignment]
+    stream_replicas: int = _opt(  # type: ignore[assignment]
+        1, "replicas of every stream and bucket (3 on a three-node NATS cluster)")
+    stream_max_age: float = _opt(  # type: ignore[assignment]
+        7 * 86400.0, "how long verdicts, plans, requests, events and per-plan records are kept",
+        kind="duration")
+    stream_max_bytes: int = _opt(  # type: ignore[assignment]
+        1 << 30, "largest size of each stream in bytes, oldest messages dropped first (-1: none)")
+    kv_max_bytes: int = _opt(  # type: ignore[assignment]
+        1 << 30, "largest size of each KV bucket in bytes; a full bucket refuses writes (-1: none)")
     instance: str = _opt("", "instance name of this replica (default: host-pid)")  # type: ignore[assignment]
     kube_api_url: str = _opt(  # type: ignore[assignment]
         "", "Kubernetes API URL for mechanisms (empty: in-cluster, else kubeconfig)")
@@ -173,7 +182,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # Smallest and largest accepted value of the integer settings.
 INT_RANGES = {"http_port": (-1, 65535), "quarantine_after": (1, None),
               "telemetry_history": (0, None), "max_payload": (1, None),
-              "plugin_threads": (1, 256)}
+              "plugin_threads": (1, 256), "stream_replicas": (1, 5),
+              "stream_max_bytes": (-1, None), "kv_max_bytes": (-1, None)}
 
 
 def _check(s: Settings) -> None:

@@ -40,8 +40,6 @@ T = TypeVar("T")
 LEASE_KEY = "leader.scheduler"
 LEASE_TTL = 5.0
 RENEW_EVERY = 1.0
-DECISIONS_TTL = 7 * 86400.0
-LEDGER_TTL = 7 * 86400.0  # the executor ledger's TTL (mlsysops.bus)
 MAX_ATTEMPTS = 5  # deliveries of a plan whose handling raises before it is set aside
 # errors that say the broker is away (not that the plan is bad): never set a plan aside
 TRANSIENT = (nats.errors.TimeoutError, nats.errors.ConnectionClosedError,
@@ -54,6 +52,9 @@ class Scheduler:
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
         self.mechanisms = MechanismHost(bus)
+        # decisions and set-aside records live as long as the plans stream keeps a plan
+        # (a redelivered plan finds its decisions), the ledger as long as the requests
+        self.keep_for = bus.settings.stream_max_age
         self.lease = Lease(bus, LEASE_KEY, ttl=LEASE_TTL, renew_every=RENEW_EVERY,
                            what="scheduler")
         # which applications have a description (a plan for a deleted one is discarded)
@@ -130,7 +131,7 @@ class Scheduler:
         if outcome is None:
             outcome = await self.decide(plan)
             await self.bus.put_with_ttl(subjects.BUCKET_SCHED, f"plan.{plan.plan_id}",
-                                        wire.encode(outcome), DECISIONS_TTL)
+                                        wire.encode(outcome), self.keep_for)
         await self._announce(plan.plan_id, outcome)
         if outcome.requests:
             await msg.ack()  # a lost ack only means a redelivery, decided the same way
@@ -177,9 +178,9 @@ class Scheduler:
             details={"plan_id": plan.plan_id, "policy": plan.policy, "attempts": attempts}))
         for step in (self._release_claims(plan),
                      self.bus.put_with_ttl(subjects.BUCKET_SCHED, f"aside.{plan.plan_id}",
-                                           wire.encode(aside), DECISIONS_TTL),
+                                           wire.encode(aside), self.keep_for),
                      self.bus.put_with_ttl(subjects.BUCKET_SCHED, f"plan.{plan.plan_id}",
-                                           wire.encode(outcome), DECISIONS_TTL),
+                                           wire.encode(outcome), self.keep_for),
                      self._announce(plan.plan_id, outcome)):
             try:
                 await step
@@ -292,7 +293,7 @@ class Scheduler:
             ledger = await self.bus.kv(subjects.BUCKET_LEDGER).get(f"{claim.plan_id}.{mechanism}")
         except (jserr.KeyNotFoundError, jserr.KeyDeletedError):
             # not started yet; only a claim older than the ledger's own memory is stale
-            return revision, None if claim.since < wire.now() - LEDGER_TTL else claim
+            return revision, None if claim.since < wire.now() - self.keep_for else claim
         execution = wire.LEDGER.decode(ledger.value or b"")
         if execution.state != "started":
             return revision, None
