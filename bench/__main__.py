@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import codec, reaction, report, scaleout, scheduler, state
+from bench import codec, reaction, report, scaleout, scheduler, state, storage
 from bench.common import ROOT, machine, versions
 from mlsysops import logs
 
-FIGURES = ("reaction", "scheduler", "scaleout", "codec", "state")
+FIGURES = ("reaction", "scheduler", "scaleout", "codec", "state", "storage")
 
 
 class Sizes:
@@ -33,6 +33,7 @@ class Sizes:
             self.scale_apps, self.scale_window = 20, 2.0
             self.codec_loops = 2_000
             self.state_apps, self.state_loops = [100, 1_000], 200
+            self.storage_apps, self.storage_plans = 5, 100
         else:
             self.reaction = [(10, 200, 60.0), (100, 200, 80.0), (1000, 100, 180.0)]
             self.hops = 300
@@ -40,6 +41,7 @@ class Sizes:
             self.scale_apps, self.scale_window = 1000, 8.0
             self.codec_loops = 20_000
             self.state_apps, self.state_loops = [1_000, 10_000], 2_000
+            self.storage_apps, self.storage_plans = 50, 2_000
 
 
 def progress(text: str) -> None:
@@ -128,6 +130,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             progress(f"  {r['apps']:,} apps: {r['new_ms'] * 1000:.1f} us per call "
                      f"(copying: {r['old_ms']:.1f} ms); largest message "
                      f"{r['largest_piece']:,} B (whole: {r['whole_bytes']:,} B)")
+
+    if "storage" in only:
+        progress("7. JetStream storage per 1,000 plans")
+        results["storage"] = await storage.measure(sizes.storage_apps, sizes.storage_plans,
+                                                   keep=args.keep, progress=progress)
 
     results["duration_s"] = time.monotonic() - started
     results["load_after"] = list(os.getloadavg())

@@ -299,7 +299,9 @@ async def publish_apps(nc: Any, names: list[str], *, parallel: int = 32) -> None
                     msg = await nc.request(f"{PREFIX}.desc.app.{name}", app_doc(name),
                                            timeout=10)
                     break
-                except nats.errors.NoRespondersError:
+                except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                    # no intake stream yet, or no monitor up yet (the description is kept
+                    # and taken in later; asking again is harmless)
                     await asyncio.sleep(0.05)
             else:
                 raise RuntimeError("no monitor answered")

@@ -248,6 +248,7 @@ def render(results: dict[str, Any]) -> str:
                          f"| {share} |")
         lines.append("")
     lines += _state_table(results.get("state"))
+    lines += _storage_table(results.get("storage"))
     lines.append(END)
     return "\n".join(lines)
 
@@ -291,4 +292,23 @@ def _state_table(rows: list[dict[str, Any]] | None) -> list[str]:
             f"| {r['apps']:,} | {r['new_ms'] * 1000:.1f} us | {_f(r['old_ms'], 2)} ms "
             f"| {r['ratio']:.4f} | {_f(r['new_kib'])} KiB | {_f(r['old_kib'], 0)} KiB "
             f"| {largest:,} B | {r['whole_bytes']:,} B |")
+    return [*lines, ""]
+
+
+def _storage_table(r: dict[str, Any] | None) -> list[str]:
+    if not r:
+        return []
+    lines = [
+        "### 7. JetStream storage per 1,000 plans", "",
+        f"The whole loop, {r['apps']} applications, a policy planning at every evaluation, "
+        f"{r['plans']:,} plans applied; bytes held by each stream and bucket afterwards. "
+        "Baseline, same run: the same number of plan messages in one plain stream.", "",
+        "| per 1,000 plans | raw plan messages | ratio | per application (description, "
+        "context, status) |", "| ---: | ---: | ---: | ---: |",
+        f"| {r['per_plan'] * 1000 / 1e6:.2f} MB | {r['raw_per_plan'] * 1000 / 1e6:.2f} MB "
+        f"| {r['ratio']:.1f} x | {r['per_app'] / 1000:.1f} kB |", "",
+        "| stream or bucket | bytes | per plan |", "| --- | ---: | ---: |",
+    ]
+    for name, size in sorted(r["bytes"].items()):
+        lines.append(f"| {name} | {size:,} | {size / r['plans']:,.0f} |")
     return [*lines, ""]

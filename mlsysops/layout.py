@@ -10,9 +10,10 @@ they say that no control plane was found under the prefix.
 
 Every stream and bucket has the same replicas (``--stream-replicas``) and is bounded:
 loop streams by age (``--stream-max-age``, telemetry by ``--telemetry-retention``) and
-size (``--stream-max-bytes``, the oldest messages go first), buckets by size
-(``--kv-max-bytes``) and history; per-plan records expire with the loop streams that
-could still deliver their plan (decisions by a per-key TTL, the ledger by its bucket TTL).
+size (``--stream-max-bytes``, the oldest messages go first); buckets of state (one entry
+per application, policy, mechanism or replica) by size (``--kv-max-bytes``) and history;
+per-plan records by age, ``--stream-max-age`` like the streams that could still deliver
+their plan (decisions by a per-key TTL, the ledger by its bucket TTL).
 """
 
 from __future__ import annotations
@@ -37,10 +38,14 @@ _COMPARED = ("subjects", "retention", "max_age", "max_bytes", "max_msgs_per_subj
              "num_replicas", "duplicate_window", "max_msg_size", "storage", "no_ack",
              "discard")
 _FIXED = ("storage", "retention")  # NATS refuses to change these on an existing stream
-# buckets: (role, history, whether the bucket expires with the loop streams)
-BUCKETS = ((subjects.BUCKET_DESC, 5, False), (subjects.BUCKET_CONTEXT, 1, False),
-           (subjects.BUCKET_SCHED, 1, False), (subjects.BUCKET_LEDGER, 1, True),
-           (subjects.BUCKET_STATUS, 1, False), (subjects.BUCKET_LEASES, 1, False))
+# buckets: (role, history, what bounds it). "state": one entry per application, policy,
+# mechanism or replica, bounded by --kv-max-bytes (full: writes are refused, loudly);
+# "per plan": records that grow with the plan rate, bounded by age instead (a byte limit
+# would refuse the scheduler's and executor's writes): the ledger by its bucket TTL, the
+# scheduler's decision records by a per-key TTL (its claims: one per conflict key)
+BUCKETS = ((subjects.BUCKET_DESC, 5, "state"), (subjects.BUCKET_CONTEXT, 1, "state"),
+           (subjects.BUCKET_SCHED, 1, "per plan"), (subjects.BUCKET_LEDGER, 1, "per plan"),
+           (subjects.BUCKET_STATUS, 1, "state"), (subjects.BUCKET_LEASES, 1, "state"))
 
 
 class NoControlPlane(BadInput):
@@ -89,10 +94,11 @@ def streams(s: Settings) -> list[api.StreamConfig]:
 def buckets(s: Settings) -> list[tuple[str, api.KeyValueConfig]]:
     sub = Subjects(s.prefix)
     return [(role, api.KeyValueConfig(
-        bucket=sub.bucket(role), history=history, ttl=s.stream_max_age if expires else None,
-        storage=_storage(s), replicas=s.stream_replicas, max_bytes=s.kv_max_bytes,
-        direct=True))
-        for role, history, expires in BUCKETS]
+        bucket=sub.bucket(role), history=history,
+        ttl=s.stream_max_age if role == subjects.BUCKET_LEDGER else None,
+        storage=_storage(s), replicas=s.stream_replicas,
+        max_bytes=s.kv_max_bytes if bound == "state" else -1, direct=True))
+        for role, history, bound in BUCKETS]
 
 
 def _storage(s: Settings) -> api.StorageType:

@@ -119,6 +119,13 @@ def test_policy_arguments_at_fleet_size(quick: dict) -> None:
     assert rows[1_000]["largest_piece"] < rows[100]["largest_piece"] + 16
 
 
+def test_storage_per_plan_is_measured_against_the_raw_plan_messages(quick: dict) -> None:
+    r = quick["storage"]
+    assert r["plans"] >= 100 and r["raw_per_plan"] > 0
+    assert r["per_plan"] > r["raw_per_plan"]  # a plan leaves more than itself behind
+    assert r["bytes"]["MLSYSOPS_PLANS"] > 0 and r["bytes"]["KV_mlsysops-ledger"] > 0
+
+
 def test_codec_and_report(quick: dict) -> None:
     codec = {c["type"]: c for c in quick["codec"]}
     assert {"Telemetry (10 samples)", "Verdict", "Plan", "Decision (Event)", "ExecRequest",
@@ -132,5 +139,5 @@ def test_codec_and_report(quick: dict) -> None:
     md = quick["_markdown"]
     for heading in ("### 1. Reaction latency", "### 2. Scheduler throughput",
                     "### 3. Analyzer scale-out", "### 4. Footprint", "### 5. Codec",
-                    "### 6. Policy arguments", "### Targets"):
+                    "### 6. Policy arguments", "### 7. JetStream storage", "### Targets"):
         assert heading in md, heading
