@@ -13,6 +13,7 @@ plugins, the bundled NATS (started for real from the rendered configuration) and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import shlex
@@ -20,6 +21,8 @@ import socket
 import subprocess
 import time
 import tomllib
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +56,7 @@ FLUIDITY_RULES = {("apps", "deployments"): FLUIDITY_VERBS, ("", "services"): FLU
 NODE_RULES = {("", "nodes"): {"get", "list", "watch"}}
 # Kinds kubernetes-validate has no schema for; each gets an explicit check below.
 NOT_IN_KUBE_SCHEMAS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
-WORKLOAD_KINDS = ("Deployment", "StatefulSet", "Pod")
+WORKLOAD_KINDS = ("Deployment", "StatefulSet", "Job", "Pod")
 # Settings a plugin reads itself (plugin_api.setting) rather than the Settings table.
 PLUGIN_SETTINGS = {"FLUIDITY_NAMESPACE"}
 
@@ -81,7 +84,7 @@ class Rendered:
         return self.get("Deployment", f"{FULLNAME}-{component}")
 
     def workloads(self) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
-        """(object, pod spec) of every Deployment, StatefulSet and Pod."""
+        """(object, pod spec) of every Deployment, StatefulSet, Job and Pod."""
         for obj in self.objects:
             if obj["kind"] == "Pod":
                 yield obj, obj["spec"]
@@ -140,7 +143,7 @@ def component_of(obj: dict[str, Any]) -> str | None:
 
 
 def is_mlsysops_container(container: dict[str, Any]) -> bool:
-    return container["name"] in COMPONENTS or container["name"] == "round-trip"
+    return container["name"] in COMPONENTS or container["name"] in ("round-trip", "init")
 
 
 def check_service_monitor(obj: dict[str, Any]) -> None:
@@ -262,6 +265,12 @@ BAD_VALUES = [
     ({"plugins": {"policies": {"extra": {"dir/policy.py": "x"}}}}, ["dir/policy.py", "pattern"]),
     ({"tests": {"descriptions": [{"kind": "pod", "file": "/app/x.yaml"}]}},
      ["/tests/descriptions/0/kind"]),
+    ({"nats": {"cluster": {"replicas": 1}}}, ["/nats/cluster/replicas", "minimum"]),
+    ({"nats": {"streamReplicas": 7}}, ["/nats/streamReplicas", "maximum"]),
+    ({"nats": {"leafnodes": {"service": {"type": "Ingress"}}}},
+     ["/nats/leafnodes/service/type"]),
+    ({"nats": {"leafnodes": {"tls": {"password": "x"}}}}, ["/nats/leafnodes/tls", "not allowed"]),
+    ({"init": {"backoffLimit": -1}}, ["/init/backoffLimit", "minimum"]),
 ]
 
 
@@ -289,6 +298,17 @@ BAD_COMBINATIONS = [
                "auth": {"type": "creds", "existingSecret": "s"}}}, "nats.auth.type=creds"),
     ({"config": {"extra": {"nats_password": "hunter2"}}}, "config.extra.nats_password"),
     ({"config": {"extra": {"policy_dir": "/x"}}}, "config.extra.policy_dir"),
+    ({"config": {"extra": {"stream_replicas": 3}}}, "config.extra.stream_replicas"),
+    ({"nats": {"bundled": {"enabled": True}, "cluster": {"replicas": 4}}},
+     "nats.cluster.replicas: use an odd number of servers, at least 3 (got 4)"),
+    ({"nats": {"bundled": {"enabled": True}, "cluster": {"enabled": False},
+               "streamReplicas": 3}}, "nats.streamReplicas: 3 replicas need as many"),
+    ({"nats": {"bundled": {"enabled": True}, "leafnodes": {"enabled": True, "auth": {
+        "existingSecret": "leaf"}}}}, "nats.leafnodes.tls.existingSecret"),
+    ({"nats": {"bundled": {"enabled": True}, "leafnodes": {"enabled": True, "tls": {
+        "existingSecret": "leaf-tls"}}}}, "nats.leafnodes.auth.existingSecret"),
+    ({"nats": {"leafnodes": {"enabled": True, "insecure": True}}},
+     "nats.leafnodes.enabled: the leaf node port is opened on the bundled NATS"),
     ({"planner": {"autoscaling": {"enabled": True, "minReplicas": 4, "maxReplicas": 2}}},
      "planner.autoscaling: minReplicas (4) is greater than maxReplicas (2)"),
     ({"executor": {"autoscaling": {"enabled": True, "targetCPUUtilizationPercentage": None}}},
@@ -609,7 +629,7 @@ def test_standard_labels_and_selectors(chart: helm_python.Chart, scenario: str) 
         for key, value in values.get("commonLabels", {}).items():
             assert labels[key] == value
     for obj, _ in rendered.workloads():
-        if obj["kind"] == "Pod":
+        if obj["kind"] in ("Pod", "Job"):  # a Job selects its pods itself
             continue
         selector = obj["spec"]["selector"]["matchLabels"]
         pod_labels = obj["spec"]["template"]["metadata"]["labels"]
@@ -740,36 +760,217 @@ def test_nats_tls_files_are_mounted(chart: helm_python.Chart) -> None:
 
 
 # ------------------------------------------------------------------------------ bundled NATS
-@pytest.mark.parametrize("scenario", ["bundled-nats-values.yaml",
-                                      "bundled-nats-emptydir-values.yaml"])
-def test_bundled_nats_is_a_single_jetstream_node(chart: helm_python.Chart,
-                                                 scenario: str) -> None:
+BUNDLED = ["bundled-nats-values.yaml", "bundled-nats-emptydir-values.yaml",
+           "bundled-nats-leafnodes-values.yaml"]
+
+
+def member_host(index: int, namespace: str = NAMESPACE) -> str:
+    """The stable DNS name of bundled NATS server ``index`` (its pod in the headless Service)."""
+    return f"{FULLNAME}-nats-{index}.{FULLNAME}-nats-headless.{namespace}.svc"
+
+
+@pytest.mark.parametrize("scenario", BUNDLED)
+def test_bundled_nats_runs_the_configured_servers(chart: helm_python.Chart,
+                                                  scenario: str) -> None:
+    """Clustered (the default): N servers routing to every member by its stable name, a
+    claim each, a PDB letting one go at a time, the services listing every member and
+    keeping streams R3. Single-node: one server behind its Service, streams R1."""
     values = ci_values(scenario)
     rendered = render(chart, values)
+    clustered = rendered.values["nats"]["cluster"]["enabled"]
+    servers = rendered.values["nats"]["cluster"]["replicas"] if clustered else 1
     nats = rendered.get("StatefulSet", f"{FULLNAME}-nats")
-    assert nats["spec"]["replicas"] == 1
+    assert nats["spec"]["replicas"] == servers
+    assert nats["spec"]["serviceName"] == f"{FULLNAME}-nats-headless"
     pod = nats["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert container["image"].startswith("docker.io/nats:")
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz?js-enabled-only=true"
     volumes = {v["name"]: v for v in pod["volumes"]}
-    persistence = values["nats"]["bundled"]["persistence"]
-    if persistence["enabled"]:
+    persistence = rendered.values["nats"]["bundled"]["persistence"]
+    if persistence["enabled"]:  # one claim per pod
         (claim,) = nats["spec"]["volumeClaimTemplates"]
         assert claim["metadata"]["name"] == "data" and "data" not in volumes
         assert claim["spec"]["resources"]["requests"]["storage"] == persistence["size"]
-        assert claim["spec"]["storageClassName"] == persistence["storageClass"]
+        assert claim["spec"].get("storageClassName", "") == persistence["storageClass"]
     else:
         assert "volumeClaimTemplates" not in nats["spec"]
         assert volumes["data"] == {"name": "data", "emptyDir": {}}
     service = rendered.get("Service", f"{FULLNAME}-nats")
     assert service["spec"]["ports"][0]["port"] == 4222
-    url = f"nats://{FULLNAME}-nats.{NAMESPACE}.svc:4222"
-    for component in COMPONENTS:
-        container = rendered.deployment(component)["spec"]["template"]["spec"]["containers"][0]
-        assert env_of(container)["MLSYSOPS_NATS_URL"]["value"] == url
+    headless = rendered.get("Service", f"{FULLNAME}-nats-headless")["spec"]
+    assert headless["clusterIP"] == "None" and headless["publishNotReadyAddresses"] is True
+    conf = rendered.get("ConfigMap", f"{FULLNAME}-nats-config")["data"]["nats.conf"]
+    pdbs = [p for p in rendered.of_kind("PodDisruptionBudget") if component_of(p) == "nats"]
+    if clustered:
+        port = rendered.values["nats"]["cluster"]["port"]
+        assert {"name": "cluster", "port": port, "targetPort": "cluster", "protocol": "TCP",
+                "appProtocol": "tcp"} in headless["ports"]
+        routes = re.findall(r"nats://[^\s\]]+:" + str(port), conf)
+        assert routes == [f"nats://{member_host(i)}:{port}" for i in range(servers)]
+        url = ",".join(f"nats://{member_host(i)}:4222" for i in range(servers))
+        replicas = "3"
+        (pdb,) = pdbs
+        assert pdb["spec"] == {"maxUnavailable": 1,
+                               "selector": nats["spec"]["selector"]}
+        anti = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+        assert anti[0]["podAffinityTerm"]["labelSelector"]["matchLabels"] == \
+            nats["spec"]["selector"]["matchLabels"]
+    else:
+        assert "cluster {" not in conf and pdbs == []
+        url, replicas = f"nats://{FULLNAME}-nats.{NAMESPACE}.svc:4222", "1"
+    for obj, spec in rendered.workloads():
+        for c in containers(spec):
+            if is_mlsysops_container(c):
+                env = env_of(c)
+                assert env["MLSYSOPS_NATS_URL"]["value"] == url, obj["metadata"]["name"]
+                assert env["MLSYSOPS_STREAM_REPLICAS"]["value"] == replicas
     assert "bundled" in rendered.notes
     assert render(chart).of_kind("StatefulSet") == []  # external NATS by default
+
+
+def test_stream_replicas_follow_the_server_and_the_value(chart: helm_python.Chart) -> None:
+    def replicas(values: dict[str, Any]) -> str:
+        container = render(chart, values).deployment("planner")["spec"]["template"]["spec"][
+            "containers"][0]
+        return str(env_of(container)["MLSYSOPS_STREAM_REPLICAS"]["value"])
+
+    assert replicas({}) == "1"  # an external NATS: unknown, R1 unless told
+    assert replicas({"nats": {"streamReplicas": 3}}) == "3"
+    assert replicas({"nats": {"bundled": {"enabled": True}}}) == "3"
+    assert replicas({"nats": {"bundled": {"enabled": True}, "cluster": {"replicas": 5}}}) == "3"
+    assert replicas({"nats": {"bundled": {"enabled": True}, "streamReplicas": 5,
+                              "cluster": {"replicas": 5}}}) == "5"
+    assert replicas({"nats": {"bundled": {"enabled": True},
+                              "cluster": {"enabled": False}}}) == "1"
+
+
+def test_leafnode_port_is_off_by_default(chart: helm_python.Chart) -> None:
+    rendered = render(chart, ci_values("bundled-nats-values.yaml"))
+    conf = rendered.get("ConfigMap", f"{FULLNAME}-nats-config")["data"]["nats.conf"]
+    assert "leafnodes" not in conf
+    assert all("leafnodes" not in s["metadata"]["name"] for s in rendered.of_kind("Service"))
+    container = rendered.get("StatefulSet", f"{FULLNAME}-nats")["spec"]["template"]["spec"][
+        "containers"][0]
+    assert [p["name"] for p in container["ports"]] == ["nats", "monitor", "cluster"]
+
+
+def test_leafnode_port_with_tls_and_credentials(chart: helm_python.Chart) -> None:
+    values = ci_values("bundled-nats-leafnodes-values.yaml")
+    leaf = values["nats"]["leafnodes"]
+    rendered = render(chart, values)
+    service = rendered.get("Service", f"{FULLNAME}-nats-leafnodes")["spec"]
+    assert service["type"] == "NodePort"
+    assert service["ports"] == [{"name": "leafnodes", "port": 7422, "targetPort": "leafnodes",
+                                 "protocol": "TCP", "appProtocol": "tcp", "nodePort": 30422}]
+    nats = rendered.get("StatefulSet", f"{FULLNAME}-nats")
+    assert service["selector"] == nats["spec"]["selector"]["matchLabels"]
+    pod = nats["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert {"name": "leafnodes", "containerPort": 7422, "protocol": "TCP"} in container["ports"]
+    conf = rendered.get("ConfigMap", f"{FULLNAME}-nats-config")["data"]["nats.conf"]
+    block = conf[conf.index("leafnodes {"):]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "leafnodes-tls"]
+    assert mount["readOnly"] is True
+    for key, option in (("tls.crt", "cert_file"), ("tls.key", "key_file"),
+                        ("ca.crt", "ca_file")):
+        assert f'{option}: "{mount["mountPath"]}/{key}"' in block
+    assert "verify: true" in block  # a CA given: leaves present client certificates
+    secret = {v["name"]: v for v in pod["volumes"]}["leafnodes-tls"]["secret"]
+    assert secret["secretName"] == leaf["tls"]["existingSecret"]
+    assert {i["key"] for i in secret["items"]} == {"tls.crt", "tls.key", "ca.crt"}
+    assert "user: $NATS_LEAF_USER" in block and "password: $NATS_LEAF_PASSWORD" in block
+    env = env_of(container)
+    for name, key in (("NATS_LEAF_SECRET_USER", "leaf-user"),
+                      ("NATS_LEAF_SECRET_PASSWORD", "leaf-password")):
+        assert env[name]["valueFrom"] == {"secretKeyRef": {
+            "name": leaf["auth"]["existingSecret"], "key": key}}
+    assert rendered.of_kind("Secret") == []
+    # insecure: neither TLS nor credentials, said so explicitly
+    rendered = render(chart, {"nats": {"bundled": {"enabled": True}, "leafnodes": {
+        "enabled": True, "insecure": True, "service": {"type": "ClusterIP"}}}})
+    conf = rendered.get("ConfigMap", f"{FULLNAME}-nats-config")["data"]["nats.conf"]
+    block = conf[conf.index("leafnodes {"):]
+    assert "tls {" not in block and "authorization" not in block
+    assert rendered.get("Service", f"{FULLNAME}-nats-leafnodes")["spec"]["type"] == "ClusterIP"
+
+
+# ------------------------------------------------------------------------------ the init Job
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_init_job_runs_mlsysops_init_as_a_hook_with_the_services_settings(
+    chart: helm_python.Chart, scenario: str
+) -> None:
+    rendered = render(chart, ci_values(scenario))
+    job = rendered.get("Job", f"{FULLNAME}-init")
+    annotations = job["metadata"]["annotations"]
+    bundled = rendered.values["nats"]["bundled"]["enabled"]
+    # the bundled servers exist only once the release is applied; an external one before
+    assert annotations["helm.sh/hook"] == ("post-install,post-upgrade" if bundled
+                                           else "pre-install,pre-upgrade")
+    assert annotations["helm.sh/hook-delete-policy"] == "before-hook-creation,hook-succeeded"
+    spec = job["spec"]
+    assert spec["backoffLimit"] == rendered.values["init"]["backoffLimit"]
+    assert spec["activeDeadlineSeconds"] > 0
+    pod = spec["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    (container,) = pod["containers"]
+    assert container["args"] == ["mlsysops", "init"]
+    planner = rendered.deployment("planner")["spec"]["template"]["spec"]
+    (service,) = planner["containers"]
+    assert container["image"] == service["image"]
+    shared = {k: v for k, v in env_of(service).items()
+              if k not in ("MLSYSOPS_POLICY_DIR", "MLSYSOPS_FLUIDITY_NAMESPACE")}
+    assert env_of(container) == shared  # NATS, credentials, prefix, replicas, limits
+    service_volumes = [v for v in planner["volumes"] if v["name"] != "policies"]
+    assert pod["volumes"] == service_volumes
+    assert container["volumeMounts"] == [m for m in service["volumeMounts"]
+                                         if m["name"] != "policies"]
+    if not bundled and rendered.values["serviceAccount"]["create"]:
+        # pre-install runs before the chart's own account exists
+        assert pod["serviceAccountName"] == "default"
+    assert pod["automountServiceAccountToken"] is False
+    assert render(chart, {"init": {"enabled": False}}).of_kind("Job") == []
+
+
+def test_init_job_carries_the_stream_settings(chart: helm_python.Chart) -> None:
+    rendered = render(chart, {"nats": {"streamReplicas": 3}, "config": {
+        "streamMaxBytes": 10_000_000, "kvMaxBytes": 5_000_000,
+        "extra": {"stream_max_age": "2d", "max_payload": 2_000_000}}})
+    (container,) = rendered.get("Job", f"{FULLNAME}-init")["spec"]["template"]["spec"][
+        "containers"]
+    env = resolve_env(container, {})
+    cfg = settings_mod.load(env=env)
+    assert (cfg.stream_replicas, cfg.stream_max_age, cfg.stream_max_bytes,
+            cfg.kv_max_bytes, cfg.max_payload) == (3, 2 * 86400.0, 10_000_000, 5_000_000,
+                                                   2_000_000)
+
+
+@pytest.mark.parametrize("scenario", BUNDLED)
+def test_the_layout_fits_in_the_bundled_store(chart: helm_python.Chart, scenario: str) -> None:
+    """JetStream reserves each stream's and bucket's byte limit in the server's store and
+    refuses what does not fit: the limits the chart hands the services must add up to no
+    more than the bundled store (the services' 1 GiB defaults would not)."""
+    from mlsysops import layout
+
+    rendered = render(chart, ci_values(scenario))
+    (container,) = rendered.get("Job", f"{FULLNAME}-init")["spec"]["template"]["spec"][
+        "containers"]
+    plain = [e for e in container["env"] if "value" in e]  # no credentials needed here
+    cfg = settings_mod.load(env=resolve_env({"env": plain}, {}))
+    reserved = sum(max(c.max_bytes or 0, 0) for c in layout.streams(cfg))
+    reserved += sum(max(b.max_bytes or 0, 0) for _, b in layout.buckets(cfg))
+    store = rendered.values["nats"]["bundled"]["jetstream"]["maxFileStore"]
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    number = re.fullmatch(r"(\d+)([KMGT]?)B?", store)
+    assert number, store
+    assert 0 < reserved <= int(number.group(1)) * units.get(number.group(2), 1)
+    unbounded = render(chart, {"nats": {"bundled": {"enabled": True}},
+                               "config": {"streamMaxBytes": -1}}).deployment("planner")
+    env = env_of(unbounded["spec"]["template"]["spec"]["containers"][0])
+    assert env["MLSYSOPS_STREAM_MAX_BYTES"]["value"] == "-1"  # the value wins
+    external = env_of(render(chart).deployment("planner")["spec"]["template"]["spec"][
+        "containers"][0])
+    assert "MLSYSOPS_STREAM_MAX_BYTES" not in external  # the services' default
 
 
 def free_port() -> int:
@@ -778,7 +979,8 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def resolve_env(container: dict[str, Any], secrets: dict[str, dict[str, str]]) -> dict[str, str]:
+def resolve_env(container: dict[str, Any], secrets: dict[str, dict[str, str]],
+                pod: str = f"{RELEASE}-pod-0") -> dict[str, str]:
     """The environment Kubernetes would give the container, with these Secrets."""
     env: dict[str, str] = {}
     for item in container.get("env", []):
@@ -789,7 +991,7 @@ def resolve_env(container: dict[str, Any], secrets: dict[str, dict[str, str]]) -
             ref = item["valueFrom"]["secretKeyRef"]
             env[item["name"]] = secrets[ref["name"]][ref["key"]]
         else:
-            env[item["name"]] = f"{RELEASE}-pod-0"
+            env[item["name"]] = pod
     return env
 
 
@@ -807,6 +1009,117 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes]) -> None:
             time.sleep(0.05)
 
 
+def http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as answer:
+            return int(answer.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except OSError:
+        return 0
+
+
+@dataclass
+class LocalNats:
+    """The bundled NATS's servers, run here from the rendered configuration."""
+
+    procs: list[subprocess.Popen[bytes]]
+    client_ports: list[int]
+    monitor_ports: list[int]
+    leaf_ports: list[int]
+
+    def url(self, *members: int) -> str:
+        chosen = members or range(len(self.procs))
+        return ",".join(f"nats://127.0.0.1:{self.client_ports[i]}" for i in chosen)
+
+    def stop(self, index: int) -> None:
+        proc = self.procs[index]
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+
+    def local_url(self, rendered_url: str) -> str:
+        """A URL of the chart (the Service or member names) with each member made local."""
+        if "-nats-headless." not in rendered_url:
+            return self.url()
+        indices = [int(m) for m in re.findall(r"-nats-(\d+)\.", rendered_url)]
+        return self.url(*indices)
+
+
+def meta_cluster_complete(monitor_port: int, servers: int) -> bool:
+    """Whether the JetStream meta group has a leader that sees every server online."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{monitor_port}/jsz", timeout=2) as r:
+            meta = json.load(r).get("meta_cluster") or {}
+    except OSError:
+        return False
+    peers = meta.get("replicas") or []
+    return bool(meta.get("leader")) and meta.get("cluster_size") == servers and \
+        len(peers) == servers - 1 and all(p.get("current") and not p.get("offline")
+                                          for p in peers)
+
+
+@contextlib.contextmanager
+def run_bundled(rendered: Rendered, secrets: dict[str, dict[str, str]], workdir: Path,
+                files: dict[str, Path] | None = None) -> Iterator[LocalNats]:
+    """Start every server of the rendered StatefulSet as a local nats-server: the rendered
+    nats.conf and the container's environment, with only the pod's addresses (its stable
+    name in the headless Service, the route and leaf ports) and volumes (the JetStream
+    store, the pid file, mounted Secret files in ``files``) mapped to loopback and
+    ``workdir``. Waits until every server reports healthy (JetStream current)."""
+    server = need_binary("nats-server", str(ROOT / ".venv" / "bin"))
+    conf = rendered.get("ConfigMap", f"{FULLNAME}-nats-config")["data"]["nats.conf"]
+    statefulset = rendered.get("StatefulSet", f"{FULLNAME}-nats")
+    count = statefulset["spec"]["replicas"]
+    (container,) = statefulset["spec"]["template"]["spec"]["containers"]
+    nats_values = rendered.values["nats"]
+    route_port, leaf_port = nats_values["cluster"]["port"], nats_values["leafnodes"]["port"]
+    clients, monitors, routes, leaves = ([free_port() for _ in range(count)] for _ in range(4))
+    for mount, where in (files or {}).items():
+        conf = conf.replace(mount, str(where))
+    for i in range(count):
+        conf = conf.replace(f"nats://{member_host(i)}:{route_port}",
+                            f"nats://127.0.0.1:{routes[i]}")
+    local = LocalNats([], clients, monitors, leaves)
+    try:
+        for i in range(count):
+            text = conf
+            for line, path in (("store_dir: /data", workdir / f"js-{i}"),
+                               ("pid_file: /var/run/nats/nats.pid", workdir / f"nats-{i}.pid")):
+                assert line in text
+                text = text.replace(line, f"{line.split(':')[0]}: {json.dumps(str(path))}")
+            for port, mine in ((route_port, routes[i]), (leaf_port, leaves[i])):
+                text = text.replace(f"\n  port: {port}\n", f"\n  port: {mine}\n  host: 127.0.0.1\n")
+            path = workdir / f"nats-{i}.conf"
+            path.write_text(text)
+            env = resolve_env(container, secrets, pod=f"{FULLNAME}-nats-{i}")
+            check = subprocess.run([server, "-c", str(path), "-t"], env=env,
+                                   capture_output=True, text=True, check=False)
+            assert check.returncode == 0, check.stderr
+            local.procs.append(subprocess.Popen(
+                [server, "-c", str(path), "-a", "127.0.0.1", "-p", str(clients[i]),
+                 "-m", str(monitors[i])], env=env, stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE))
+        for i in range(count):
+            wait_for_port(clients[i], local.procs[i])
+        deadline = time.monotonic() + 45
+        while not (all(http_status(f"http://127.0.0.1:{m}/healthz") == 200 for m in monitors)
+                   and (count == 1 or any(meta_cluster_complete(m, count) for m in monitors))):
+            assert time.monotonic() < deadline, "the NATS servers did not become healthy"
+            time.sleep(0.2)
+        yield local
+    finally:
+        for i in range(len(local.procs)):
+            local.stop(i)
+        for proc in local.procs:
+            if proc.stderr:
+                proc.stderr.close()
+
+
 def raw_connect(port: int, options: dict[str, Any]) -> str:
     """One client handshake in the NATS protocol; the server's answer to CONNECT + PING."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
@@ -822,7 +1135,8 @@ def raw_connect(port: int, options: dict[str, Any]) -> str:
 async def use_jetstream(url: str, **auth: str) -> int:
     import nats
 
-    nc = await nats.connect(url, allow_reconnect=False, connect_timeout=5, **auth)
+    nc = await nats.connect(servers=url.split(","), allow_reconnect=False, connect_timeout=5,
+                            **auth)
     try:
         info = await nc.jetstream().account_info()
         return int(info.streams)
@@ -837,48 +1151,91 @@ async def use_jetstream(url: str, **auth: str) -> int:
 def test_bundled_nats_accepts_the_services_credentials(
     chart: helm_python.Chart, tmp_path: Path, scenario: str, secret: dict[str, str]
 ) -> None:
-    """Runs nats-server with the rendered configuration and the container's environment
-    (Secret values that look like numbers or carry config syntax included), then connects
-    with the credentials the services get and uses JetStream."""
-    server = need_binary("nats-server", str(ROOT / ".venv" / "bin"))
+    """Runs the rendered servers (three routed ones, or one) with the container's
+    environment (Secret values that look like numbers or carry config syntax included),
+    then connects to each with the credentials the services get and uses JetStream."""
     rendered = render(chart, ci_values(scenario))
     auth = rendered.values["nats"]["auth"]
-    conf = rendered.get("ConfigMap", f"{FULLNAME}-nats-config")["data"]["nats.conf"]
-    # the container's volumes, here: JetStream data and pid file under tmp_path
-    for line, local in (("store_dir: /data", tmp_path / "js"),
-                        ("pid_file: /var/run/nats/nats.pid", tmp_path / "nats.pid")):
-        assert line in conf
-        conf = conf.replace(line, f"{line.split(':')[0]}: {json.dumps(str(local))}")
-    (tmp_path / "nats.conf").write_text(conf)
-    container = rendered.get("StatefulSet", f"{FULLNAME}-nats")["spec"]["template"]["spec"][
-        "containers"][0]
-    env = resolve_env(container, {auth["existingSecret"]: secret})
-    check = subprocess.run([server, "-c", str(tmp_path / "nats.conf"), "-t"], env=env,
-                           capture_output=True, text=True, check=False)
-    assert check.returncode == 0, check.stderr
-    port = free_port()
-    command = [server, "-c", str(tmp_path / "nats.conf"), "-a", "127.0.0.1", "-p", str(port),
-               "-m", str(free_port())]
-    with subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE) as proc:
-        try:
-            wait_for_port(port, proc)
-            # what the services get: the raw Secret values, as MLSYSOPS_NATS_* settings
-            if auth["type"] == "userPassword":
-                creds = {"user": secret[auth["userKey"]],
-                         "password": secret[auth["passwordKey"]]}
-                wire = {"user": creds["user"], "pass": creds["password"]}
-            else:
-                creds = {"token": secret[auth["tokenKey"]]}
-                wire = {"auth_token": creds["token"]}
+    with run_bundled(rendered, {auth["existingSecret"]: secret}, tmp_path) as servers:
+        # what the services get: the raw Secret values, as MLSYSOPS_NATS_* settings
+        if auth["type"] == "userPassword":
+            creds = {"user": secret[auth["userKey"]], "password": secret[auth["passwordKey"]]}
+            wire = {"user": creds["user"], "pass": creds["password"]}
+        else:
+            creds = {"token": secret[auth["tokenKey"]]}
+            wire = {"auth_token": creds["token"]}
+        for i, port in enumerate(servers.client_ports):
             assert raw_connect(port, wire) == "PONG"
             assert "Authorization Violation" in raw_connect(port, {"user": "intruder",
                                                                    "pass": "x"})
             assert "Authorization Violation" in raw_connect(port, {})
-            assert asyncio.run(use_jetstream(f"nats://127.0.0.1:{port}", **creds)) == 0
-        finally:
-            proc.terminate()
-            proc.wait(timeout=10)
+            assert asyncio.run(use_jetstream(servers.url(i), **creds)) == 0
+
+
+async def stream_replicas(url: str, **auth: str) -> dict[str, int]:
+    """Every stream (buckets included) on the server, with its number of copies."""
+    import nats
+
+    nc = await nats.connect(servers=url.split(","), allow_reconnect=False, connect_timeout=5,
+                            **auth)
+    try:
+        js = nc.jetstream()
+        out = {}
+        for info in await js.streams_info():
+            peers = info.cluster.replicas if info.cluster and info.cluster.replicas else []
+            assert all(p.current for p in peers), info.config.name
+            out[str(info.config.name)] = 1 + len(peers)
+        return out
+    finally:
+        await nc.close()
+
+
+async def write_to_bucket(url: str, bucket: str, **auth: str) -> int:
+    import nats
+
+    nc = await nats.connect(servers=url.split(","), connect_timeout=5, **auth)
+    try:
+        kv = await nc.jetstream().key_value(bucket)
+        return int(await kv.put("probe", b"{}"))
+    finally:
+        await nc.close()
+
+
+def run_init_job(rendered: Rendered, secrets: dict[str, dict[str, str]],
+                 servers: LocalNats) -> subprocess.CompletedProcess[str]:
+    """The rendered init Job's command with its environment, against the local servers."""
+    (container,) = rendered.get("Job", f"{FULLNAME}-init")["spec"]["template"]["spec"][
+        "containers"]
+    env = resolve_env(container, secrets)
+    env["MLSYSOPS_NATS_URL"] = servers.local_url(env["MLSYSOPS_NATS_URL"])
+    command = [str(ROOT / ".venv" / "bin" / container["args"][0]), *container["args"][1:]]
+    return subprocess.run(command, env={**env, "PATH": str(ROOT / ".venv" / "bin")},
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_bundled_cluster_keeps_r3_streams_through_the_loss_of_a_server(
+    chart: helm_python.Chart, tmp_path: Path
+) -> None:
+    """The rendered cluster forms; the rendered init Job creates every stream and bucket
+    on three servers, reports it, finds nothing to change the second time; with one
+    server stopped (a drain, as the PDB allows) the streams still take writes."""
+    rendered = render(chart, ci_values("bundled-nats-values.yaml"))
+    auth = rendered.values["nats"]["auth"]
+    secret = {"user": "mlsysops", "password": "s3cret"}
+    secrets = {auth["existingSecret"]: secret}
+    creds = {"user": "mlsysops", "password": "s3cret"}
+    with run_bundled(rendered, secrets, tmp_path) as servers:
+        first = run_init_job(rendered, secrets, servers)
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert "created" in first.stdout and "change(s)" in first.stdout
+        copies = asyncio.run(stream_replicas(servers.url(), **creds))
+        assert "MLSYSOPS_DESCRIPTIONS" in copies and "KV_mlsysops-desc" in copies
+        assert set(copies.values()) == {3}, copies
+        again = run_init_job(rendered, secrets, servers)
+        assert again.returncode == 0 and "as the settings say" in again.stdout, again.stdout
+        servers.stop(0)
+        revision = asyncio.run(write_to_bucket(servers.url(1, 2), "mlsysops-desc", **creds))
+        assert revision >= 1
 
 
 # ------------------------------------------------------------------------------ plugins

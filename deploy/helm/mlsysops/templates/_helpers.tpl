@@ -141,18 +141,83 @@ that releases of the same name in different namespaces do not collide. */}}
 {{- printf "%s-%s-executor-nodes" .Release.Namespace (include "mlsysops.fullname" .) -}}
 {{- end }}
 
-{{/* NATS URL(s) the services connect to. */}}
+{{/* Whether the bundled NATS runs as a cluster. */}}
+{{- define "mlsysops.natsClustered" -}}
+{{- if and .Values.nats.bundled.enabled .Values.nats.cluster.enabled }}true{{ end -}}
+{{- end }}
+
+{{/* Number of servers of the bundled NATS. */}}
+{{- define "mlsysops.natsReplicas" -}}
+{{- if include "mlsysops.natsClustered" . }}{{ int .Values.nats.cluster.replicas }}{{ else }}1{{ end -}}
+{{- end }}
+
+{{/* Stable DNS name of bundled NATS server number .index (its pod in the headless
+Service). */}}
+{{- define "mlsysops.natsMemberHost" -}}
+{{- $full := include "mlsysops.fullname" .root -}}
+{{- printf "%s-nats-%d.%s-nats-headless.%s.svc" $full (int .index) $full .root.Release.Namespace -}}
+{{- end }}
+
+{{/* NATS URL(s) the services connect to. With the clustered bundled NATS: every member
+by its stable name, so that a client reconnects to another member when one goes. */}}
 {{- define "mlsysops.natsUrl" -}}
-{{- if .Values.nats.bundled.enabled -}}
+{{- if include "mlsysops.natsClustered" . -}}
+{{- $urls := list -}}
+{{- range $i := until (int .Values.nats.cluster.replicas) -}}
+{{- $urls = append $urls (printf "nats://%s:4222" (include "mlsysops.natsMemberHost" (dict "root" $ "index" $i))) -}}
+{{- end -}}
+{{- join "," $urls -}}
+{{- else if .Values.nats.bundled.enabled -}}
 {{- printf "nats://%s-nats.%s.svc:4222" (include "mlsysops.fullname" .) .Release.Namespace -}}
 {{- else -}}
 {{- .Values.nats.url -}}
 {{- end -}}
 {{- end }}
 
+{{/* Bytes of a NATS size ("1GB", "256MB", "512K", a plain number). */}}
+{{- define "mlsysops.natsBytes" -}}
+{{- $s := upper (toString .) -}}
+{{- $digits := regexFind "^[0-9]+" $s -}}
+{{- $units := dict "" 1 "K" 1024 "KB" 1024 "M" 1048576 "MB" 1048576 "G" 1073741824 "GB" 1073741824 "T" 1099511627776 "TB" 1099511627776 -}}
+{{- mul (int64 $digits) (index $units (trimPrefix $digits $s)) -}}
+{{- end }}
+
+{{/* The bundled server's JetStream store (file, or memory with config.storage=memory)
+shared by the layout: JetStream reserves each stream's and bucket's byte limit in the
+store, so each gets 1/12 of it (6 streams and 6 buckets; two of the buckets are bounded
+by age only and take their share as headroom). */}}
+{{- define "mlsysops.layoutShare" -}}
+{{- $js := .Values.nats.bundled.jetstream -}}
+{{- $store := ternary $js.maxMemoryStore $js.maxFileStore (eq .Values.config.storage "memory") -}}
+{{- div (int64 (include "mlsysops.natsBytes" $store)) 12 -}}
+{{- end }}
+
+{{/* Byte limit of each loop stream (.key streamMaxBytes) or bucket (kvMaxBytes): the
+value; else, with the bundled NATS, its share of the store; else empty (the services'
+default). */}}
+{{- define "mlsysops.layoutBytes" -}}
+{{- $value := index .root.Values.config .key -}}
+{{- if not (kindIs "invalid" $value) -}}
+{{- int64 $value -}}
+{{- else if .root.Values.nats.bundled.enabled -}}
+{{- include "mlsysops.layoutShare" .root -}}
+{{- end -}}
+{{- end }}
+
+{{/* Replicas of every stream and bucket: nats.streamReplicas, else 3 on the clustered
+bundled NATS, else 1. */}}
+{{- define "mlsysops.streamReplicas" -}}
+{{- if kindIs "invalid" .Values.nats.streamReplicas -}}
+{{- if include "mlsysops.natsClustered" . }}3{{ else }}1{{ end -}}
+{{- else -}}
+{{- int .Values.nats.streamReplicas -}}
+{{- end -}}
+{{- end }}
+
 {{/* Where secrets and plugins are mounted in the mlsysops containers. */}}
 {{- define "mlsysops.natsAuthDir" -}}/etc/mlsysops/nats-auth{{- end }}
 {{- define "mlsysops.natsTlsDir" -}}/etc/mlsysops/nats-tls{{- end }}
+{{- define "mlsysops.natsLeafTlsDir" -}}/etc/nats-leafnodes-tls{{- end }}
 {{- define "mlsysops.pluginDir" -}}
 {{- printf "%s/%s" (trimSuffix "/" .root.Values.plugins.mountPath) .kind -}}
 {{- end }}
@@ -173,6 +238,16 @@ environment (MLSYSOPS_<NAME>). Secrets only ever come from secretKeyRef or files
   value: {{ $v.config.logLevel | quote }}
 - name: MLSYSOPS_STORAGE
   value: {{ $v.config.storage | quote }}
+- name: MLSYSOPS_STREAM_REPLICAS
+  value: {{ include "mlsysops.streamReplicas" . | quote }}
+{{- with include "mlsysops.layoutBytes" (dict "root" . "key" "streamMaxBytes") }}
+- name: MLSYSOPS_STREAM_MAX_BYTES
+  value: {{ . | quote }}
+{{- end }}
+{{- with include "mlsysops.layoutBytes" (dict "root" . "key" "kvMaxBytes") }}
+- name: MLSYSOPS_KV_MAX_BYTES
+  value: {{ . | quote }}
+{{- end }}
 - name: MLSYSOPS_INSTANCE
   valueFrom:
     fieldRef:
@@ -224,6 +299,10 @@ environment (MLSYSOPS_<NAME>). Secrets only ever come from secretKeyRef or files
 {{- end }}
 {{- end }}
 {{- range $name, $value := $v.config.extra }}
+{{- /* YAML numbers arrive as floats: a whole number is written as one (10000000, not 1e+07). */}}
+{{- if and (kindIs "float64" $value) (eq (float64 (int64 $value)) $value) }}
+{{- $value = int64 $value }}
+{{- end }}
 - name: {{ printf "MLSYSOPS_%s" (upper $name) }}
   value: {{ $value | toString | quote }}
 {{- end }}
@@ -326,8 +405,29 @@ templates/deployment.yaml, so that an invalid combination fails install and temp
 {{- if $nats.tls.enabled -}}
 {{- fail "nats.tls.enabled: the bundled NATS serves plain connections only; use an external NATS (nats.bundled.enabled=false) for TLS" -}}
 {{- end -}}
+{{- if and $nats.cluster.enabled (eq (mod (int $nats.cluster.replicas) 2) 0) -}}
+{{- fail (printf "nats.cluster.replicas: use an odd number of servers, at least 3 (got %d): JetStream needs a majority, and an even number tolerates no more losses than one less" (int $nats.cluster.replicas)) -}}
 {{- end -}}
-{{- $reserved := list "nats_url" "prefix" "http_port" "log_format" "log_level" "storage" "instance" "prometheus_url" "ml_connector_url" "policy_dir" "mechanism_dir" "kube_api_url" "fluidity_namespace" "nats_user" "nats_password" "nats_token" "nats_creds" "nats_nkey_seed" "nats_tls_ca" "nats_tls_cert" "nats_tls_key" -}}
+{{- $servers := int (include "mlsysops.natsReplicas" .) -}}
+{{- if gt (int (include "mlsysops.streamReplicas" .)) $servers -}}
+{{- fail (printf "nats.streamReplicas: %s replicas need as many NATS servers, the bundled NATS has %d (nats.cluster)" (include "mlsysops.streamReplicas" .) $servers) -}}
+{{- end -}}
+{{- $leaf := $nats.leafnodes -}}
+{{- if $leaf.enabled -}}
+{{- if and (not $leaf.tls.existingSecret) (not $leaf.insecure) -}}
+{{- fail "nats.leafnodes.tls.existingSecret: name the Secret with the leaf node port's server certificate and key (or set nats.leafnodes.insecure=true to accept leaf nodes without TLS, on a trusted network only)" -}}
+{{- end -}}
+{{- if and (not $leaf.auth.existingSecret) (not $leaf.insecure) -}}
+{{- fail "nats.leafnodes.auth.existingSecret: name the Secret with the credentials (user, password) leaf nodes present (or set nats.leafnodes.insecure=true to accept leaf nodes without credentials, on a trusted network only)" -}}
+{{- end -}}
+{{- if and $leaf.tls.caKey (not $leaf.tls.existingSecret) -}}
+{{- fail "nats.leafnodes.tls.caKey: the CA is read from nats.leafnodes.tls.existingSecret; name that Secret" -}}
+{{- end -}}
+{{- end -}}
+{{- else if $nats.leafnodes.enabled -}}
+{{- fail "nats.leafnodes.enabled: the leaf node port is opened on the bundled NATS (nats.bundled.enabled=true); with an external NATS configure its leafnodes block there (the official chart: config.leafnodes)" -}}
+{{- end -}}
+{{- $reserved := list "nats_url" "prefix" "http_port" "log_format" "log_level" "storage" "stream_replicas" "stream_max_bytes" "kv_max_bytes" "instance" "prometheus_url" "ml_connector_url" "policy_dir" "mechanism_dir" "kube_api_url" "fluidity_namespace" "nats_user" "nats_password" "nats_token" "nats_creds" "nats_nkey_seed" "nats_tls_ca" "nats_tls_cert" "nats_tls_key" -}}
 {{- range $name, $_ := .Values.config.extra -}}
 {{- if has (lower $name) $reserved -}}
 {{- fail (printf "config.extra.%s: this setting has its own value in the chart (secrets come from nats.auth.existingSecret); see values.yaml" $name) -}}
