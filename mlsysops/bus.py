@@ -5,6 +5,14 @@ KV buckets (creating what is missing, never changing what exists: see
 :mod:`mlsysops.layout`), and offers the few operations the services need:
 publishing with a de-duplication id, reporting errors, and KV caches kept current by a
 watch.
+
+On a NATS cluster a request can meet a leader election (a node died): it times out, or
+JetStream answers that no one leads the stream yet. Publishes and KV operations are
+retried for up to :data:`RETRY_FOR` s (:func:`retrying`), each attempt waiting at most
+:data:`ATTEMPT_TIMEOUT` s, and fail only then (:class:`Unavailable`, a ``TimeoutError``).
+A retry is harmless: a publish carries the same ``Nats-Msg-Id`` each time, and a
+compare-and-set write whose earlier attempt was stored after all is recognised by its
+value (see :class:`KV`).
 """
 
 from __future__ import annotations
@@ -13,7 +21,9 @@ import asyncio
 import contextlib
 import socket
 import ssl
-from collections.abc import Callable, Iterator
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Generic, TypeVar
 
 import nats
@@ -30,6 +40,46 @@ from mlsysops.settings import Settings, redact_url
 
 log = logs.get(__name__)
 T = TypeVar("T")
+
+ATTEMPT_TIMEOUT = 5.0  # s: one JetStream request (a request lost in an election is resent)
+RETRY_FOR = 20.0  # s: how long an operation is retried while JetStream has no leader
+# JetStream API errors that mean "no leader yet": cluster temporarily unavailable, not leader
+_ELECTING = (10008, 10009)
+
+
+class Unavailable(TimeoutError):
+    """JetStream did not answer an operation for :data:`RETRY_FOR` s (a broker away)."""
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether ``exc`` says JetStream is unreachable or electing, not that we asked wrong."""
+    if isinstance(exc, Unavailable):
+        return False  # already retried for its whole budget
+    if isinstance(exc, (TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError,
+                        jserr.NoStreamResponseError, jserr.ServiceUnavailableError)):
+        return True
+    return isinstance(exc, jserr.APIError) and getattr(exc, "err_code", None) in _ELECTING
+
+
+async def retrying(attempt: Callable[[bool], Awaitable[T]], what: str,
+                   retry_for: float = RETRY_FOR) -> T:
+    """``await attempt(retried)`` until it succeeds or fails for another reason than
+    :func:`transient`, with a growing pause (0.1 s to 2 s); ``retried`` is True once an
+    earlier attempt failed (its outcome may be unknown: a timeout can hide a success)."""
+    deadline = time.monotonic() + retry_for
+    pause, retried = 0.1, False
+    while True:
+        try:
+            return await attempt(retried)
+        except Exception as exc:
+            if not transient(exc):
+                raise
+            if time.monotonic() + pause > deadline:
+                raise Unavailable(f"{what}: JetStream did not answer within {retry_for:g} s "
+                                  f"({exc!r})") from exc
+            log.info("jetstream unavailable; retrying", what=what, error=repr(exc))
+        await asyncio.sleep(pause)
+        pause, retried = min(pause * 2, 2.0), True
 
 
 def instance_name(settings: Settings) -> str:
@@ -117,9 +167,10 @@ class Bus:
             with attempt:
                 self.nc = await self._connect_once(opts)
         assert self.nc is not None
-        self._js = self.nc.jetstream(timeout=10)
+        self._js = self.nc.jetstream(timeout=ATTEMPT_TIMEOUT)
         await permissions.check(self.nc, self.service, self.settings.prefix)
-        self.changes = await self.ensure(mode)
+        # on a fresh cluster the streams just created elect their leaders meanwhile
+        self.changes = await retrying(lambda _: self.ensure(mode), "bind to the layout")
         self.connected.set()
         log.info("connected", servers=[redact_url(u) for u in opts["servers"]],
                  instance=self.instance)
@@ -191,14 +242,20 @@ class Bus:
                     raise
         return changes
 
-    def kv(self, role: str) -> KeyValue:
-        return self._kv[role]
+    def kv(self, role: str) -> KV:
+        return KV(self._kv[role])
 
     # ----------------------------------------------------------------- messages
     async def publish(self, subject: str, obj: Any, msg_id: str | None = None) -> api.PubAck:
-        """Publish ``obj`` (a wire Struct) into JetStream; ``msg_id`` makes a retry harmless."""
-        headers = {"Nats-Msg-Id": msg_id} if msg_id else None
-        return await self.js.publish(subject, wire.encode(obj), headers=headers)
+        """Publish ``obj`` (a wire Struct) into JetStream, retrying while it is unavailable.
+
+        ``msg_id`` (a random one if not given) makes a retry harmless: JetStream stores a
+        message once per id within its duplicate window.
+        """
+        headers = {"Nats-Msg-Id": msg_id or uuid.uuid4().hex}
+        data = wire.encode(obj)
+        return await retrying(lambda _: self.js.publish(subject, data, headers=headers),
+                              f"publish on {subject}")
 
     async def report(self, event: wire.ErrorEvent, *, subject_name: bool = True,
                      msg_id: str | None = None) -> None:
@@ -223,20 +280,105 @@ class Bus:
         await msg.term()
 
     async def put_with_ttl(
-        self, role: str, key: str, value: bytes, ttl: float, last: int | None = None
+        self, role: str, key: str, value: bytes, ttl: float, last: int | None = None,
+        retry_for: float = RETRY_FOR,
     ) -> int:
-        """Put a KV entry that expires after ``ttl`` s (compare-and-set when ``last``)."""
+        """Put a KV entry that expires after ``ttl`` s (compare-and-set when ``last``),
+        retrying for up to ``retry_for`` s while JetStream is unavailable."""
         headers = {"Nats-TTL": f"{max(1, int(ttl))}s"}
         if last is not None:
             headers["Nats-Expected-Last-Subject-Sequence"] = str(last)
         subject = f"$KV.{self.subjects.bucket(role)}.{key}"
-        try:
-            ack = await self.js.publish(subject, value, headers=headers)
-        except jserr.APIError as exc:
-            if exc.err_code in (10071, 10164):
+
+        async def attempt(retried: bool) -> int:
+            try:
+                return (await self.js.publish(subject, value, headers=headers)).seq
+            except jserr.APIError as exc:
+                if getattr(exc, "err_code", None) not in (10071, 10164):
+                    raise
+                if retried:  # our earlier attempt may have been stored after all
+                    mine = await self.kv(role).written(key, value)
+                    if mine is not None:
+                        return mine
                 raise jserr.KeyWrongLastSequenceError(description=exc.description) from None
-            raise
-        return ack.seq
+
+        return await retrying(attempt, f"put {key}", retry_for)
+
+
+class KV:
+    """A KV bucket whose operations are retried while JetStream is unavailable.
+
+    A compare-and-set write (``create``, ``update``, ``delete`` with ``last``) that is
+    retried after an attempt whose outcome is unknown (a timeout) can find that attempt's
+    own write: it then fails with wrong-last-sequence. Before that counts as a conflict,
+    the key is read again; if it holds the value being written (or, for a delete, is
+    gone), the earlier attempt succeeded and so does this call.
+    """
+
+    def __init__(self, kv: KeyValue) -> None:
+        self.raw = kv
+
+    def __getattr__(self, name: str) -> Any:  # anything else, as nats.py has it
+        return getattr(self.raw, name)
+
+    async def get(self, key: str, revision: int | None = None) -> KeyValue.Entry:
+        return await retrying(lambda _: self.raw.get(key, revision), f"get {key}")
+
+    async def put(self, key: str, value: bytes) -> int:
+        return await retrying(lambda _: self.raw.put(key, value), f"put {key}")
+
+    async def create(self, key: str, value: bytes) -> int:
+        return await self._set(key, value, lambda: self.raw.create(key, value))
+
+    async def update(self, key: str, value: bytes, last: int | None = None) -> int:
+        return await self._set(key, value, lambda: self.raw.update(key, value, last=last))
+
+    async def delete(self, key: str, last: int | None = None) -> bool:
+        async def attempt(retried: bool) -> bool:
+            try:
+                return await self.raw.delete(key, last=last)
+            except jserr.KeyWrongLastSequenceError:
+                if retried and await self._gone(key):
+                    return True
+                raise
+
+        return await retrying(attempt, f"delete {key}")
+
+    async def purge(self, key: str, msg_ttl: float | None = None) -> bool:
+        return await retrying(lambda _: self.raw.purge(key, msg_ttl=msg_ttl), f"purge {key}")
+
+    async def keys(self, **kwargs: Any) -> list[str]:
+        return await retrying(lambda _: self.raw.keys(**kwargs), "keys")
+
+    async def watch(self, keys: str, **kwargs: Any) -> KeyValue.KeyWatcher:
+        return await retrying(lambda _: self.raw.watch(keys, **kwargs), f"watch {keys}")
+
+    async def written(self, key: str, value: bytes) -> int | None:
+        """The revision of ``key`` if it holds ``value`` now (one attempt, no retry)."""
+        try:
+            entry = await self.raw.get(key)
+        except (jserr.KeyNotFoundError, jserr.KeyDeletedError):
+            return None
+        return entry.revision if entry.value == value else None
+
+    async def _gone(self, key: str) -> bool:
+        try:
+            await self.raw.get(key)
+        except (jserr.KeyNotFoundError, jserr.KeyDeletedError):
+            return True
+        return False
+
+    async def _set(self, key: str, value: bytes, write: Callable[[], Awaitable[int]]) -> int:
+        async def attempt(retried: bool) -> int:
+            try:
+                return await write()
+            except jserr.KeyWrongLastSequenceError:
+                mine = await self.written(key, value) if retried else None
+                if mine is None:
+                    raise
+                return mine
+
+        return await retrying(attempt, f"write {key}")
 
 
 class KVCache(Generic[T]):

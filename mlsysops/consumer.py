@@ -7,7 +7,8 @@ keeps every message it holds alive with in-progress acks every ``ack_wait / 4`` 
 handler returns: a long handler needs no keep-alive of its own, and the ack wait can stay
 short, so that a message whose process died is redelivered within seconds. A handler
 acks, naks or terminates the message itself; if it raises, the message is left for
-redelivery after ``ack_wait``. The loop survives broker restarts by fetching again.
+redelivery after ``ack_wait``. The loop survives broker restarts and NATS leader elections
+by fetching again (binding again after an error other than a timeout).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from mlsysops.bus import Bus
 log = logs.get(__name__)
 LAG_EVERY = 5.0  # seconds between consumer lag readings
 MAX_BATCH = 64  # messages asked for in one fetch, at most
+LAG_TIMEOUT = 1.0  # seconds a lag reading may take
 
 
 class _Slots:
@@ -116,8 +118,7 @@ async def _loop(bus: Bus, durable: str, stream: str, config: api.ConsumerConfig,
                 sub = await _subscribe(bus, durable, stream, config)
             if time.monotonic() >= lag_due:
                 lag_due = time.monotonic() + LAG_EVERY
-                info = await sub.consumer_info()
-                http.LAG.labels(bus.service, durable).set(info.num_pending or 0)
+                await _read_lag(bus.service, durable, sub)
             batch = await sub.fetch(min(free, MAX_BATCH), timeout=5)
         except (nats.errors.TimeoutError, TimeoutError):
             continue
@@ -136,6 +137,20 @@ async def _loop(bus: Bus, durable: str, stream: str, config: api.ConsumerConfig,
             task = asyncio.ensure_future(_run(bus.service, family, handler, msg, slots, held))
             running.add(task)
             task.add_done_callback(running.discard)
+
+
+async def _read_lag(service: str, durable: str,
+                    sub: JetStreamContext.PullSubscription) -> None:
+    """Update the lag gauge; never holds up fetching for long (a consumer whose leader
+    is being elected answers nothing: the next reading tries again)."""
+    try:
+        info = await asyncio.wait_for(sub.consumer_info(), LAG_TIMEOUT)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        log.debug("consumer lag not read", consumer=durable, error=repr(exc))
+        return
+    http.LAG.labels(service, durable).set(info.num_pending or 0)
 
 
 async def _run(service: str, kind: str, handler: Callable[[Msg], Awaitable[None]], msg: Msg,

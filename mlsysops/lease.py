@@ -6,6 +6,11 @@ shared piece: a KV key with a TTL, created by whoever takes it and renewed with
 compare-and-set by its holder. Standbys try to take it every ``renew_every`` s and the
 first to succeed runs the work when the holder dies (after at most ``ttl`` s) or stops
 (at once: a stopping holder deletes its key).
+
+A renewal or take that meets a NATS leader election is retried (see
+:func:`mlsysops.bus.retrying`), but a renewal only for ``ttl - 2 x renew_every`` s in all:
+a holder that could not renew for longer stops its work before the lease can have expired
+and gone to another replica.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import nats.js.errors as jserr
 
@@ -34,6 +40,7 @@ class Lease:
         self.what = what or key
         self.held = False
         self._value = wire.encode({"instance": bus.instance})
+        self._retry_for = max(ttl / 4, ttl - 2 * renew_every)
 
     async def hold(self, work: Callable[[], Awaitable[None]]) -> None:
         """Forever: take the lease, run ``work`` while held (restarted if it returns or
@@ -56,8 +63,9 @@ class Lease:
         try:
             while True:
                 await asyncio.sleep(self.renew_every)
-                revision = await self.bus.put_with_ttl(
-                    subjects.BUCKET_LEASES, self.key, self._value, self.ttl, last=revision)
+                revision = await asyncio.wait_for(self.bus.put_with_ttl(  # bounded, however
+                    subjects.BUCKET_LEASES, self.key, self._value, self.ttl, last=revision,
+                    retry_for=self._retry_for), self._retry_for)  # long one request hangs
                 if worker.done():  # a transient error (the broker away): start again
                     log.warning("leased work stopped; restarting", lease=self.what,
                                 error=repr(worker.exception()) if not worker.cancelled()
@@ -73,20 +81,27 @@ class Lease:
             await asyncio.gather(worker, return_exceptions=True)
 
     async def _take(self) -> int:
-        """Create the lease; also over a delete marker (released, or an operator's ``kv del``)."""
+        """Create the lease; also over a delete marker (released, or an operator's ``kv del``),
+        or over our own key (a renewal of ours that failed)."""
         try:
             return await self.bus.put_with_ttl(subjects.BUCKET_LEASES, self.key, self._value,
-                                               self.ttl, last=0)
+                                               self.ttl, last=0, retry_for=self._retry_for)
         except jserr.KeyWrongLastSequenceError:
+            entry: Any
             try:
-                await self.bus.kv(subjects.BUCKET_LEASES).get(self.key)
+                entry = await self.bus.kv(subjects.BUCKET_LEASES).get(self.key)
             except (jserr.KeyDeletedError, jserr.KeyNotFoundError) as gone:
-                entry = getattr(gone, "entry", None)
+                entry = getattr(gone, "entry", None)  # a delete marker: its revision
                 if entry is None or not entry.revision:
                     raise
-                return await self.bus.put_with_ttl(subjects.BUCKET_LEASES, self.key,
-                                                   self._value, self.ttl, last=entry.revision)
-            raise  # held by a live replica
+            else:
+                if entry.value != self._value:
+                    raise  # held by a live replica
+                # still ours: a renewal failed (say in a NATS leader election) and our
+                # work was stopped; take it back now rather than wait for it to expire
+            return await self.bus.put_with_ttl(subjects.BUCKET_LEASES, self.key,
+                                               self._value, self.ttl, last=entry.revision,
+                                               retry_for=self._retry_for)
 
     async def _release(self, revision: int) -> None:
         """On stop: delete our key now (only if still ours), so a standby takes over at once."""

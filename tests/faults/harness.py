@@ -150,10 +150,15 @@ def steady_policy(policies: Path, name: str = "steady", *, mechanism: str = "rec
 
 
 # --------------------------------------------------------------------------- load
+def servers(url: str) -> list[str]:
+    """The URLs of a comma-separated list (``MLSYSOPS_NATS_URL`` of a cluster)."""
+    return [u.strip() for u in url.split(",") if u.strip()]
+
+
 async def connect(url: str) -> Any:
-    """A test client that, like the services, reconnects for ever."""
-    return await nats.connect(url, max_reconnect_attempts=-1, reconnect_time_wait=0.2,
-                              connect_timeout=2)
+    """A test client that, like the services, reconnects for ever (to any listed server)."""
+    return await nats.connect(servers(url), max_reconnect_attempts=-1,
+                              reconnect_time_wait=0.2, connect_timeout=2)
 
 
 class Load:
@@ -243,6 +248,7 @@ async def read_stream(js: Any, stream: str, subject: str,
             msg = await sub.next_msg(timeout=max(0.1, deadline - time.monotonic()))
             body = json.loads(msg.data)
             body["subject"] = msg.subject
+            body["_stored_at"] = msg.metadata.timestamp.timestamp()  # when the stream took it
             out.append((msg.metadata.sequence.stream, body))
             if msg.metadata.num_pending == 0:
                 return out
@@ -266,7 +272,7 @@ class Trace:
 
 
 async def read_trace(url: str, mechanism: str = "rec", *, errors: bool = False) -> Trace:
-    nc = await nats.connect(url)
+    nc = await nats.connect(servers(url))
     try:
         js = nc.jetstream(timeout=5)
         trace = Trace()
@@ -349,8 +355,9 @@ def conflicts(trace: Trace, rec: Recorder, exec_timeout: float,
     executions never overlap; a ``discarded``
     decision names as holder a plan scheduled on the same key, ahead of it in the plans
     stream or decided before it, whose claim had not expired and whose execution the
-    executor had not yet recorded as ended (its result's ``finished_at``; the scheduler
-    reads the ledger, which the executor writes right after).
+    executor had not yet recorded as ended (in the ledger, which the executor writes after
+    the result's ``finished_at`` and before publishing the result: the result's stream
+    timestamp bounds it).
     """
     problems: list[str] = []
     runs = {r["command"]["_plan_id"]: (r["t0"], r["t"]) for r in rec.lines()}
@@ -358,8 +365,13 @@ def conflicts(trace: Trace, rec: Recorder, exec_timeout: float,
     inf = float("inf")
 
     def recorded_end(plan_id: str) -> float:  # as the scheduler can know it
+        # the executor writes the ledger after finished_at and before it publishes the
+        # result: the result's stream timestamp bounds it (a write retried across a
+        # NATS node failure can come seconds after finished_at)
         result = trace.results.get(plan_id)
-        return float(result["finished_at"]) if result else inf
+        if not result:
+            return inf
+        return float(result.get("_stored_at") or result["finished_at"])
 
     def started(plan_id: str) -> float:  # a claim runs out --exec-timeout after this
         if plan_id in runs:
@@ -394,7 +406,7 @@ def conflicts(trace: Trace, rec: Recorder, exec_timeout: float,
                     problems.append(f"{key}: {d['plan_id']} discarded at {d['decided_at']:.3f} "
                                     f"naming {holder['plan_id']} (ahead: {ahead}, claim "
                                     f"expired: {expired}), whose execution was recorded "
-                                    f"ended at {ended:.3f}")
+                                    f"ended by {ended:.3f}")
                 continue
             if last is not None:
                 held_until = actual_end(last["plan_id"])
