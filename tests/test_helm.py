@@ -1276,7 +1276,7 @@ def test_plugin_configmaps_hold_shipped_and_extra_files(chart: helm_python.Chart
         data = rendered.get("ConfigMap", f"{FULLNAME}-{kind}").get("data") or {}
         assert data == {name: content.decode() for name, content in files.items()}
     replaced = next(iter(shipped["mechanisms"]), "fluidity.py")
-    values = {"plugins": {
+    values: dict[str, Any] = {"plugins": {
         "policies": {"extra": {"policy-mine.py": "def initialize():\n    return {}\n"}},
         "mechanisms": {"extra": {replaced: "# site version\n"}},
     }}
