@@ -62,10 +62,11 @@ def transient(exc: BaseException) -> bool:
 
 
 async def retrying(attempt: Callable[[bool], Awaitable[T]], what: str,
-                   retry_for: float = RETRY_FOR) -> T:
+                   retry_for: float | None = None) -> T:
     """``await attempt(retried)`` until it succeeds or fails for another reason than
     :func:`transient`, with a growing pause (0.1 s to 2 s); ``retried`` is True once an
     earlier attempt failed (its outcome may be unknown: a timeout can hide a success)."""
+    retry_for = RETRY_FOR if retry_for is None else retry_for
     deadline = time.monotonic() + retry_for
     pause, retried = 0.1, False
     while True:
@@ -281,10 +282,11 @@ class Bus:
 
     async def put_with_ttl(
         self, role: str, key: str, value: bytes, ttl: float, last: int | None = None,
-        retry_for: float = RETRY_FOR,
+        retry_for: float | None = None,
     ) -> int:
         """Put a KV entry that expires after ``ttl`` s (compare-and-set when ``last``),
-        retrying for up to ``retry_for`` s while JetStream is unavailable."""
+        retrying for up to ``retry_for`` s (:data:`RETRY_FOR`) while JetStream is
+        unavailable."""
         headers = {"Nats-TTL": f"{max(1, int(ttl))}s"}
         if last is not None:
             headers["Nats-Expected-Last-Subject-Sequence"] = str(last)

@@ -30,6 +30,9 @@ log = logs.get(__name__)
 LAG_EVERY = 5.0  # seconds between consumer lag readings
 MAX_BATCH = 64  # messages asked for in one fetch, at most
 LAG_TIMEOUT = 1.0  # seconds a lag reading may take
+# seconds one pull request waits for messages: also how long a pull request lost with a
+# consumer's leader (a NATS node died) holds up the consumer
+FETCH_WINDOW = 2.0
 
 
 class _Slots:
@@ -119,7 +122,7 @@ async def _loop(bus: Bus, durable: str, stream: str, config: api.ConsumerConfig,
             if time.monotonic() >= lag_due:
                 lag_due = time.monotonic() + LAG_EVERY
                 await _read_lag(bus.service, durable, sub)
-            batch = await sub.fetch(min(free, MAX_BATCH), timeout=5)
+            batch = await sub.fetch(min(free, MAX_BATCH), timeout=FETCH_WINDOW)
         except (nats.errors.TimeoutError, TimeoutError):
             continue
         except asyncio.CancelledError:

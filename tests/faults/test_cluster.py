@@ -20,10 +20,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import nats.errors
+import nats.js.errors
 import pytest
 
-from mlsysops import layout
+from mlsysops import bus as bus_mod
+from mlsysops import layout, subjects, wire
 from mlsysops import settings as settings_mod
+from mlsysops.bus import Bus
+from mlsysops.lease import Lease
 from tests import loopkit as kit
 from tests.faults import harness as h
 from tests.faults.cluster import Cluster
@@ -189,3 +194,120 @@ async def _finish(cluster: Cluster, process_loop: Any, rec: h.Recorder, policy: 
                    telemetry_sent=load.telemetry_sent, telemetry_failed=load.telemetry_failed)
     assert any(r["command"].get("load") for r in rec.lines())
     return summary
+
+
+# ------------------------------------------------------------------ the retries, one by one
+# What a NATS leader election does to one request, on a single server: a reply lost
+# (the write was stored, the client timed out), or "no responders" while no one leads.
+
+@pytest.fixture
+async def bus(nats_server: Any, plugin_dirs: tuple[Path, Path]) -> AsyncIterator[Bus]:
+    settings = settings_mod.load(env={"MLSYSOPS_NATS_URL": nats_server.url,
+                                      "MLSYSOPS_POLICY_DIR": str(plugin_dirs[0]),
+                                      "MLSYSOPS_MECHANISM_DIR": str(plugin_dirs[1])})
+    b = Bus(settings, "executor")
+    await b.connect()
+    yield b
+    await b.close()
+
+
+def _reply_lost_once(target: Any, name: str, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Make ``target.name`` do its work, then time out, the first time it is called."""
+    real, calls = getattr(target, name), []
+
+    async def flaky(*args: Any, **kwargs: Any) -> Any:
+        calls.append(name)
+        result = await real(*args, **kwargs)
+        if len(calls) == 1:
+            raise nats.errors.TimeoutError  # stored, but the reply never came
+        return result
+
+    monkeypatch.setattr(target, name, flaky)
+    return calls
+
+
+async def test_an_apply_whose_ledger_entry_reply_was_lost_still_runs(bus, monkeypatch) -> None:
+    """The executor creates the ledger entry before ``apply``: had the retry of a create
+    whose reply was lost been a conflict, the executor would take its own entry for an
+    earlier attempt and report the execution "interrupted" without applying it."""
+    ledger = bus.kv(subjects.BUCKET_LEDGER)
+    _reply_lost_once(ledger.raw, "_update", monkeypatch)
+    revision = await ledger.create("p-1.rec", b'{"state": "started"}')
+    entry = await ledger.get("p-1.rec")
+    assert (entry.revision, entry.value) == (revision, b'{"state": "started"}')
+    # and the next compare-and-set write, whose reply is lost too, is not a conflict
+    calls = _reply_lost_once(ledger.raw, "update", monkeypatch)
+    assert await ledger.update("p-1.rec", b'{"state": "applied"}', last=revision) > revision
+    assert calls == ["update", "update"]
+    assert (await ledger.get("p-1.rec")).value == b'{"state": "applied"}'
+
+
+async def test_a_real_conflict_stays_a_conflict_after_a_retry(bus, monkeypatch) -> None:
+    kv = bus.kv(subjects.BUCKET_SCHED)
+    first = await kv.create("claim.rec.k", b"plan-1")
+    await kv.update("claim.rec.k", b"plan-2", last=first)  # another scheduler's claim
+    real, calls = kv.raw.update, []
+
+    async def unavailable_once(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise nats.js.errors.ServiceUnavailableError
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(kv.raw, "update", unavailable_once)
+    with pytest.raises(nats.js.errors.KeyWrongLastSequenceError):
+        await kv.update("claim.rec.k", b"plan-3", last=first)
+    assert len(calls) == 2
+    assert (await kv.get("claim.rec.k")).value == b"plan-2"
+
+
+async def test_a_lease_renewal_whose_reply_was_lost_keeps_the_lease(bus, monkeypatch) -> None:
+    """A renewal is a compare-and-set publish with a TTL (``put_with_ttl``)."""
+    taken = await bus.put_with_ttl(subjects.BUCKET_LEASES, "leader.x", b"me", 5, last=0)
+    _reply_lost_once(bus.js, "publish", monkeypatch)
+    renewed = await bus.put_with_ttl(subjects.BUCKET_LEASES, "leader.x", b"me", 5, last=taken)
+    assert renewed > taken
+    with pytest.raises(nats.js.errors.KeyWrongLastSequenceError):  # not ours any more
+        await bus.put_with_ttl(subjects.BUCKET_LEASES, "leader.x", b"other", 5, last=taken)
+
+
+async def test_a_scheduler_whose_renewal_failed_is_active_again_at_once(bus) -> None:
+    """A renewal that failed (JetStream electing for longer than the renewal may retry)
+    stops the holder's work; its key is still its own, so it takes it back at once
+    instead of waiting out its own TTL (5 s without decisions on every election)."""
+    mine = Lease(bus, "leader.t", ttl=5)
+    first = await mine._take()
+    assert await mine._take() > first  # renewal lost: taken back over our own key
+    other = Lease(bus, "leader.t", ttl=5)
+    other._value = wire.encode({"instance": "another replica"})
+    with pytest.raises(nats.js.errors.KeyWrongLastSequenceError):
+        await other._take()
+
+
+async def test_a_publish_while_no_one_leads_the_stream_is_stored_once(bus, monkeypatch) -> None:
+    """No responders (503) twice, then a lost reply: the message is stored once, and
+    nothing is reported; only after ``RETRY_FOR`` s does the publish fail."""
+    real, calls = bus.js.publish, []
+
+    async def electing(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) <= 2:
+            raise nats.js.errors.NoStreamResponseError
+        ack = await real(*args, **kwargs)
+        if len(calls) == 3:
+            raise nats.errors.TimeoutError
+        return ack
+
+    monkeypatch.setattr(bus.js, "publish", electing)
+    event = wire.ErrorEvent(kind="service", name="x", message="m", at=wire.now())
+    ack = await bus.publish(bus.subjects.error("service", "x"), event)
+    assert len(calls) == 4 and ack.duplicate
+    assert await kit.stored(bus.js, "EVENTS", "mlsysops.error.service.x") == 1
+    monkeypatch.setattr(bus_mod, "RETRY_FOR", 0.5)
+
+    async def never(*args: Any, **kwargs: Any) -> Any:
+        raise nats.js.errors.NoStreamResponseError
+
+    monkeypatch.setattr(bus.js, "publish", never)
+    with pytest.raises(bus_mod.Unavailable):
+        await bus.publish(bus.subjects.error("service", "x"), event)
