@@ -116,6 +116,8 @@ def cmd_init(args: argparse.Namespace, cfg: settings_mod.Settings) -> int:
 
 
 async def init(cfg: settings_mod.Settings, *, as_json: bool = False) -> int:
+    import nats.js.errors
+
     from mlsysops.bus import Bus
 
     bus = Bus(cfg, "init")
@@ -124,6 +126,9 @@ async def init(cfg: settings_mod.Settings, *, as_json: bool = False) -> int:
     except TimeoutError:
         raise BadInput(f"cannot connect to NATS at {settings_mod.redact_url(cfg.nats_url)} "
                        "within 30 s") from None
+    except nats.js.errors.APIError as exc:  # e.g. no room in the store, no peers yet
+        raise BadInput(f"JetStream refused the layout: {exc.description} (error "
+                       f"{exc.err_code}); on a cluster still forming, run it again") from None
     finally:
         await bus.close()
     if as_json:

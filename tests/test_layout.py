@@ -96,3 +96,11 @@ async def test_init_says_what_it_cannot_change(nats_server, storage: str) -> Non
     out = await asyncio.to_thread(_cli, nats_server.url, "init", "--storage", storage)
     assert out.returncode == 1
     assert "MLSYSOPS_PLANS: cannot change (storage" in out.stdout
+
+
+async def test_a_layout_the_server_has_no_room_for_is_refused_with_the_reason(
+        nats_server) -> None:
+    out = await asyncio.to_thread(_cli, nats_server.url, "init", "--stream-max-bytes",
+                                  str(1 << 60))  # far more than any store reserves
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "JetStream refused the layout" in out.stderr and "Traceback" not in out.stderr
