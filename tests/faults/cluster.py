@@ -31,10 +31,14 @@ from tests.requirements import missing
 CLUSTER_NAME = "mlsysops-test"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct loopback ports that were free a moment ago (held open together, so
+    that the system cannot hand out one twice)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
 
 
 @dataclass
@@ -84,7 +88,7 @@ class Node:
         """A monitoring endpoint's JSON (``/jsz``, ``/healthz``); raises when unreachable."""
         url = f"http://127.0.0.1:{self.http_port}{path}"
         try:
-            with urllib.request.urlopen(url, timeout=2) as reply:  # noqa: S310 - loopback
+            with urllib.request.urlopen(url, timeout=2) as reply:
                 return json.loads(reply.read())  # type: ignore[no-any-return]
         except urllib.error.HTTPError as exc:  # /healthz answers 503 with a JSON body
             return json.loads(exc.read() or b"{}")  # type: ignore[no-any-return]
@@ -95,12 +99,18 @@ class Cluster:
 
     def __init__(self, root: Path, size: int = 3) -> None:
         root.mkdir(parents=True, exist_ok=True)
-        self.nodes = [Node(f"n{i}", free_port(), free_port(), free_port(), root / f"n{i}",
-                           root / f"n{i}.log") for i in range(1, size + 1)]
+        self.nodes = [Node(f"n{i}", 0, 0, 0, root / f"n{i}", root / f"n{i}.log")
+                      for i in range(1, size + 1)]
+        self._assign_ports()
+        self._binary = ""
+
+    def _assign_ports(self) -> None:
+        ports = iter(free_ports(3 * len(self.nodes)))
+        for node in self.nodes:
+            node.port, node.route_port, node.http_port = next(ports), next(ports), next(ports)
         for node in self.nodes:
             node.routes = [f"nats://127.0.0.1:{n.route_port}" for n in self.nodes
                            if n is not node]
-        self._binary = ""
 
     @property
     def urls(self) -> list[str]:
@@ -123,8 +133,14 @@ class Cluster:
             self._binary = nats_server_binary()
         except Exception as exc:
             missing(str(exc))
-        for node in self.nodes:
-            node.start(self._binary)
+        for _ in range(3):  # a port taken meanwhile by another process: new ports
+            for node in self.nodes:
+                node.start(self._binary)
+            await asyncio.sleep(0.5)
+            if all(n.running for n in self.nodes):
+                break
+            self.stop()
+            self._assign_ports()
         await self.wait_healthy(timeout=timeout)
 
     def stop(self) -> None:
