@@ -61,13 +61,11 @@ def transient(exc: BaseException) -> bool:
     return isinstance(exc, jserr.APIError) and getattr(exc, "err_code", None) in _ELECTING
 
 
-async def retrying(attempt: Callable[[bool], Awaitable[T]], what: str,
-                   retry_for: float | None = None) -> T:
+async def retrying(attempt: Callable[[bool], Awaitable[T]], what: str) -> T:
     """``await attempt(retried)`` until it succeeds or fails for another reason than
     :func:`transient`, with a growing pause (0.1 s to 2 s); ``retried`` is True once an
     earlier attempt failed (its outcome may be unknown: a timeout can hide a success)."""
-    retry_for = RETRY_FOR if retry_for is None else retry_for
-    deadline = time.monotonic() + retry_for
+    deadline = time.monotonic() + RETRY_FOR
     pause, retried = 0.1, False
     while True:
         try:
@@ -76,7 +74,7 @@ async def retrying(attempt: Callable[[bool], Awaitable[T]], what: str,
             if not transient(exc):
                 raise
             if time.monotonic() + pause > deadline:
-                raise Unavailable(f"{what}: JetStream did not answer within {retry_for:g} s "
+                raise Unavailable(f"{what}: JetStream did not answer within {RETRY_FOR:g} s "
                                   f"({exc!r})") from exc
             log.info("jetstream unavailable; retrying", what=what, error=repr(exc))
         await asyncio.sleep(pause)
@@ -281,12 +279,10 @@ class Bus:
         await msg.term()
 
     async def put_with_ttl(
-        self, role: str, key: str, value: bytes, ttl: float, last: int | None = None,
-        retry_for: float | None = None,
+        self, role: str, key: str, value: bytes, ttl: float, last: int | None = None
     ) -> int:
         """Put a KV entry that expires after ``ttl`` s (compare-and-set when ``last``),
-        retrying for up to ``retry_for`` s (:data:`RETRY_FOR`) while JetStream is
-        unavailable."""
+        retrying while JetStream is unavailable (see :func:`retrying`)."""
         headers = {"Nats-TTL": f"{max(1, int(ttl))}s"}
         if last is not None:
             headers["Nats-Expected-Last-Subject-Sequence"] = str(last)
@@ -304,7 +300,7 @@ class Bus:
                         return mine
                 raise jserr.KeyWrongLastSequenceError(description=exc.description) from None
 
-        return await retrying(attempt, f"put {key}", retry_for)
+        return await retrying(attempt, f"put {key}")
 
 
 class KV:

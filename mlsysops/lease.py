@@ -63,9 +63,7 @@ class Lease:
         try:
             while True:
                 await asyncio.sleep(self.renew_every)
-                revision = await asyncio.wait_for(self.bus.put_with_ttl(  # bounded, however
-                    subjects.BUCKET_LEASES, self.key, self._value, self.ttl, last=revision,
-                    retry_for=self._retry_for), self._retry_for)  # long one request hangs
+                revision = await self._put(revision)
                 if worker.done():  # a transient error (the broker away): start again
                     log.warning("leased work stopped; restarting", lease=self.what,
                                 error=repr(worker.exception()) if not worker.cancelled()
@@ -84,8 +82,7 @@ class Lease:
         """Create the lease; also over a delete marker (released, or an operator's ``kv del``),
         or over our own key (a renewal of ours that failed)."""
         try:
-            return await self.bus.put_with_ttl(subjects.BUCKET_LEASES, self.key, self._value,
-                                               self.ttl, last=0, retry_for=self._retry_for)
+            return await self._put(0)
         except jserr.KeyWrongLastSequenceError:
             entry: Any
             try:
@@ -99,9 +96,14 @@ class Lease:
                     raise  # held by a live replica
                 # still ours: a renewal failed (say in a NATS leader election) and our
                 # work was stopped; take it back now rather than wait for it to expire
-            return await self.bus.put_with_ttl(subjects.BUCKET_LEASES, self.key,
-                                               self._value, self.ttl, last=entry.revision,
-                                               retry_for=self._retry_for)
+            return await self._put(entry.revision)
+
+    async def _put(self, last: int) -> int:
+        """Our key, compare-and-set on ``last``: retried (a NATS leader election) for at
+        most ``_retry_for`` s in all, however long one request hangs."""
+        return await asyncio.wait_for(self.bus.put_with_ttl(
+            subjects.BUCKET_LEASES, self.key, self._value, self.ttl, last=last),
+            self._retry_for)
 
     async def _release(self, revision: int) -> None:
         """On stop: delete our key now (only if still ours), so a standby takes over at once."""
