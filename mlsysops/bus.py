@@ -43,6 +43,7 @@ T = TypeVar("T")
 
 ATTEMPT_TIMEOUT = 5.0  # s: one JetStream request (a request lost in an election is resent)
 RETRY_FOR = 20.0  # s: how long an operation is retried while JetStream has no leader
+WATCH_HEARTBEAT = 1.0  # s: idle heartbeat of a KVCache's watch (see KVCache._watch)
 # JetStream API errors that mean "no leader yet": cluster temporarily unavailable, not leader
 _ELECTING = (10008, 10009)
 
@@ -440,32 +441,52 @@ class KVCache(Generic[T]):
                 await asyncio.sleep(0.5)
 
     async def _watch(self) -> None:
-        watcher = await self._bus.kv(self._role).watch(self._pattern)
+        """What ``KeyValue.watch`` does (the last entry of each key, then every change),
+        with a short idle heartbeat: nats.py recreates the watch's consumer after two
+        missed heartbeats, so a watch whose consumer died with a NATS node is current
+        again ``2 x WATCH_HEARTBEAT`` s after the stream has a leader (10 s with
+        ``KeyValue.watch``)."""
+        bucket = self._bus.subjects.bucket(self._role)
+        pre = f"$KV.{bucket}."
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def deliver(msg: Any) -> None:
+            queue.put_nowait(msg)
+
+        sub = await retrying(lambda _: self._bus.js.subscribe(
+            pre + self._pattern, stream=f"KV_{bucket}", cb=deliver, ordered_consumer=True,
+            deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT, idle_heartbeat=WATCH_HEARTBEAT,
+            inactive_threshold=300), f"watch {bucket} {self._pattern}")
         try:
+            info = await retrying(lambda _: sub.consumer_info(), f"watch {bucket}")
+            if not info.num_pending and queue.empty():
+                self.ready.set()  # nothing stored yet
             while True:
-                entry = await watcher.updates(timeout=None)
-                if entry is None:
-                    self.ready.set()
-                    continue
-                self._handle(entry)
+                msg = await queue.get()
+                headers = msg.headers or {}
+                gone = (headers.get("KV-Operation") in ("DEL", "PURGE")
+                        or "Nats-Marker-Reason" in headers or not msg.data)  # TTL markers
+                self._handle(msg.subject[len(pre):], msg.metadata.sequence.stream,
+                             None if gone else msg.data)
+                if not msg.metadata.num_pending:
+                    self.ready.set()  # caught up with what was stored
         finally:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(watcher.stop(), 2)
+                await asyncio.wait_for(sub.unsubscribe(), 2)
 
-    def _handle(self, entry: Any) -> None:
-        key = entry.key
-        if entry.operation in ("DEL", "PURGE") or not entry.value:
+    def _handle(self, key: str, revision: int, data: bytes | None) -> None:
+        if data is None:
             self._items.pop(key, None)
             value = None
         else:
             try:
-                value = self._decode(entry.value)
+                value = self._decode(data)
             except Exception as exc:
                 log.warning("undecodable kv entry", bucket=self._role, key=key, error=str(exc))
                 return
             current = self._items.get(key)
-            if current and current[0] > entry.revision:
+            if current and current[0] > revision:
                 return
-            self._items[key] = (entry.revision, value)
+            self._items[key] = (revision, value)
         if self._on_change:
             self._on_change(key, value)
