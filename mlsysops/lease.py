@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -39,7 +40,9 @@ class Lease:
         self.renew_every = renew_every
         self.what = what or key
         self.held = False
-        self._value = wire.encode({"instance": bus.instance})
+        # this process's own value (the token: a restarted or misnamed replica with the
+        # same instance name is not taken for us when we take our own key back)
+        self._value = wire.encode({"instance": bus.instance, "token": uuid.uuid4().hex})
         self._retry_for = max(ttl / 4, ttl - 2 * renew_every)
 
     async def hold(self, work: Callable[[], Awaitable[None]]) -> None:
