@@ -10,6 +10,10 @@ itself. After draining, the checks of the other fault tests: every acked plan ap
 exactly once, nothing twice, every plan decided, first plan per conflict key wins, no
 service exited, and no error event (what a user sees on ``mlsysops.error.>``) for what
 was only a leader election.
+
+The smaller tests at the end check the retries of ``mlsysops/bus.py`` one by one on a
+single server: a write whose reply was lost (stored all the same), and "no responders"
+while no one leads a stream.
 """
 
 from __future__ import annotations
