@@ -43,7 +43,8 @@ RENEW_EVERY = 1.0
 MAX_ATTEMPTS = 5  # deliveries of a plan whose handling raises before it is set aside
 # errors that say the broker is away (not that the plan is bad): never set a plan aside
 TRANSIENT = (nats.errors.TimeoutError, nats.errors.ConnectionClosedError,
-             nats.errors.NoRespondersError, TimeoutError, OSError)
+             nats.errors.NoRespondersError, jserr.NoStreamResponseError,
+             jserr.ServiceUnavailableError, TimeoutError, OSError)  # Unavailable: a TimeoutError
 
 
 class Scheduler:
