@@ -24,7 +24,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from mlsysops.logs import PluginLogger
+from mlsysops.logs import LevelMethods, PluginLogger
 
 __all__ = ["logger"]
 
@@ -36,7 +36,7 @@ _LEVELS = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warni
            logging.ERROR: "error", logging.CRITICAL: "critical"}
 
 
-class UpstreamLogger:
+class UpstreamLogger(LevelMethods):
     """The upstream agent's shared ``logger``, writing as the calling plugin's logger."""
 
     def __init__(self) -> None:
@@ -57,27 +57,10 @@ class UpstreamLogger:
     def _emit(self, level: str, msg: object, args: tuple[Any, ...], kw: dict[str, Any]) -> None:
         getattr(self._target(sys._getframe(2)), level)(msg, *args, **kw)
 
-    def debug(self, msg: object, *args: Any, **kw: Any) -> None:
-        self._emit("debug", msg, args, kw)
-
-    def info(self, msg: object, *args: Any, **kw: Any) -> None:
-        self._emit("info", msg, args, kw)
-
-    def warning(self, msg: object, *args: Any, **kw: Any) -> None:
-        self._emit("warning", msg, args, kw)
-
-    warn = warning
-
-    def error(self, msg: object, *args: Any, **kw: Any) -> None:
-        self._emit("error", msg, args, kw)
-
     def exception(self, msg: object, *args: Any, **kw: Any) -> None:
         self._emit("exception", msg, args, kw)
 
-    def critical(self, msg: object, *args: Any, **kw: Any) -> None:
-        self._emit("critical", msg, args, kw)
-
-    fatal = critical
+    fatal = LevelMethods.critical
 
     def test(self, msg: object, *args: Any, **kw: Any) -> None:
         """Upstream's TEST level (its test traces): logged at info, marked ``upstream_level``."""

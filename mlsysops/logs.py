@@ -45,7 +45,32 @@ def get(name: str) -> Any:
     return structlog.get_logger(name)
 
 
-class PluginLogger:
+class LevelMethods:
+    """The standard library's level methods, each handing ``(level, msg, args, kw)`` to
+    ``self._emit``: shared by the loggers handed to plugins."""
+
+    def _emit(self, level: str, msg: object, args: tuple[Any, ...], kw: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def debug(self, msg: object, *args: Any, **kw: Any) -> None:
+        self._emit("debug", msg, args, kw)
+
+    def info(self, msg: object, *args: Any, **kw: Any) -> None:
+        self._emit("info", msg, args, kw)
+
+    def warning(self, msg: object, *args: Any, **kw: Any) -> None:
+        self._emit("warning", msg, args, kw)
+
+    warn = warning
+
+    def error(self, msg: object, *args: Any, **kw: Any) -> None:
+        self._emit("error", msg, args, kw)
+
+    def critical(self, msg: object, *args: Any, **kw: Any) -> None:
+        self._emit("critical", msg, args, kw)
+
+
+class PluginLogger(LevelMethods):
     """The ``logger`` injected into plugins: stdlib-style calls, structlog output."""
 
     def __init__(self, kind: str, name: str) -> None:
@@ -88,26 +113,9 @@ class PluginLogger:
             except Exception:
                 pass
 
-    def debug(self, msg: object, *args: Any, **kw: Any) -> None:
-        self._emit("debug", msg, args, kw)
-
-    def info(self, msg: object, *args: Any, **kw: Any) -> None:
-        self._emit("info", msg, args, kw)
-
-    def warning(self, msg: object, *args: Any, **kw: Any) -> None:
-        self._emit("warning", msg, args, kw)
-
-    warn = warning
-
-    def error(self, msg: object, *args: Any, **kw: Any) -> None:
-        self._emit("error", msg, args, kw)
-
     def exception(self, msg: object, *args: Any, **kw: Any) -> None:
         kw.setdefault("exc_info", True)
         self._emit("error", msg, args, kw)
-
-    def critical(self, msg: object, *args: Any, **kw: Any) -> None:
-        self._emit("critical", msg, args, kw)
 
 
 def _safe(render: Callable[[object], str], value: object) -> str:
