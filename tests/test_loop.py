@@ -91,9 +91,15 @@ async def test_policies_are_picked_up_changed_and_removed_at_run_time(
         await kit.wait_for(lambda: any(r["command"].get("key") == "k2"
                                        for r in kit.applied(log)), what="the new behaviour")
         (policies / "policy-late.py").unlink()
-        await asyncio.sleep(1.0)
-        before = len(kit.applied(log))
+        await asyncio.sleep(1.0)  # both services notice the removal
+
+        def plans_of_late() -> int:
+            return sum(1 for e in events if e.get("policy") == "late" and "commands" in e)
+
+        before = plans_of_late()
         await asyncio.sleep(1.5)
-        assert len(kit.applied(log)) == before  # removed: no more plans
+        # removed: no more plans (a plan made before the removal may still be applying,
+        # so what counts is what the planner publishes, not what the executor records)
+        assert plans_of_late() == before
     finally:
         await nc.close()
